@@ -28,6 +28,7 @@ __all__ = [
     "flexlora",
     "plora",
     "product_norms",
+    "weighted_mean",
 ]
 
 
@@ -290,3 +291,11 @@ def plora(
     idx = _check_slots(slots, ranks, rank)
     p = _normalised(weights, len(As), As[0])
     return _slot_mean(As, Bs, p, idx, m, n, rank, prev)
+
+
+def weighted_mean(tensors: Sequence[dict[str, Tensor]], weights: Weights) -> dict[str, Tensor]:
+    """FedAvg of dense parameters (e.g. the task head): ``Σ_k p_k X_k`` per key."""
+    if not tensors:
+        raise ValueError("no client tensors given: pass at least one")
+    p = _normalised(weights, len(tensors), next(iter(tensors[0].values())))
+    return {key: sum(pk * t[key] for pk, t in zip(p, tensors)) for key in tensors[0]}

@@ -1,0 +1,151 @@
+"""The ``fedrank`` command."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,  # noqa: E402
+                           TimeRemainingColumn)
+from rich.table import Table  # noqa: E402
+
+from fedrank.config import Config, ConfigError, describe, load_config, save_config, to_dict  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated LoRA fine-tuning with rank-heterogeneous clients.")
+console = Console(stderr=True)
+
+RESUMABLE = {"rounds"}
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Configuration and data errors: one line on stderr, exit code 2, no traceback."""
+    try:
+        yield
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    saved = run_dir / "config.toml"
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} holds no fedrank run (no config.toml): pass the --out folder of a run")
+    before = to_dict(load_config(saved))
+    cfg = load_config(saved, overrides)
+    changed = {k for k, v in to_dict(cfg).items() if before[k] != v} - RESUMABLE
+    if changed:
+        raise ConfigError(f"--resume can only change {', '.join(sorted(RESUMABLE))}; "
+                          f"{', '.join(sorted(changed))} differ: start a new run with --out instead")
+    return cfg
+
+
+def _new_run_dir(cfg: Config, config: Optional[Path], out: Optional[Path]) -> Path:
+    if out is None:
+        stem = config.stem if config else "default"
+        out = Path("runs") / f"{stem}-{cfg.method}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "checkpoints").exists():
+        raise ConfigError(f"{out} already holds a run: continue it with --resume {out} or choose another --out")
+    return out
+
+
+def _table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
+    table = Table(title=f"{summary['method']} · seed {summary['seed']}")
+    for col in ("round", "accuracy", "macro-F1", "loss", "up MB", "down MB", "s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['loss']:.4f}",
+                      f"{r['upload_bytes'] / 1e6:.2f}", f"{r['download_bytes'] / 1e6:.2f}", f"{r['wall_s']:.1f}")
+    return table
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="experiment TOML (see configs/); defaults apply when omitted")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a key: --set ranks.values=[5,20]")] = [],
+    out: Annotated[Optional[Path], typer.Option(help="run folder (default: runs/<config>-<method>-seed<s>-<time>)")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="continue the run in this folder (only `rounds` may change)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar or table")] = False,
+) -> None:
+    """Run a federated fine-tuning job (or continue one with --resume)."""
+    with user_errors():
+        if resume is not None:
+            if config is not None or out is not None:
+                raise ConfigError("--resume takes the run folder only: drop CONFIG and --out")
+            cfg, run_dir = _resume_config(resume, set_), resume
+        else:
+            cfg = load_config(config, set_)
+            run_dir = _new_run_dir(cfg, config, out)
+        summary = execute(cfg, run_dir, quiet)
+    if not quiet:
+        console.print(f"final accuracy {summary['final_accuracy']:.4f} on {summary['final_eval_examples']} test "
+                      f"examples · outputs in {run_dir}")
+
+
+def execute(cfg: Config, run_dir: Path, quiet: bool = True) -> dict[str, Any]:
+    """Build the experiment and run it in ``run_dir`` (resuming from its checkpoints if any)."""
+    from fedrank.runtime.registry import make_runtime
+    from fedrank.experiment import build
+    from fedrank.server import RunFiles, Server
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = RunFiles(run_dir)
+    save_config(cfg, files.config)
+    exp = build(cfg)
+    runtime = make_runtime(cfg.runtime, exp)
+    total = cfg.rounds * cfg.clients.per_round
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, disable=quiet, transient=False) as bar:
+        task = bar.add_task(f"{cfg.method}: round 1/{cfg.rounds}", total=total)
+
+        def on_round(row: dict[str, Any]) -> None:
+            bar.update(task, description=f"{cfg.method}: round {min(row['round'] + 1, cfg.rounds)}/{cfg.rounds} "
+                                         f"acc {row['accuracy']:.3f}")
+
+        server = Server(exp, runtime, files, on_client=lambda t: bar.advance(task), on_round=on_round,
+                        on_start=lambda start: bar.update(task, completed=start * cfg.clients.per_round),
+                        log=console.print)
+        summary = server.run()
+    if not quiet:
+        console.print(_table(files.read_metrics(), summary))
+    return summary
+
+
+@app.command("eval")
+def eval_adapter(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder (holds config.toml and adapter/)")],
+) -> None:
+    """Reload the exported PEFT adapter on a fresh base model and evaluate it on the run's test split."""
+    with user_errors():
+        from fedrank.export import evaluate_exported
+
+        if not (run_dir / "adapter" / "adapter_config.json").is_file():
+            raise ConfigError(f"{run_dir} has no exported adapter: finish the run first (fedrank run --resume {run_dir})")
+        metrics = evaluate_exported(load_config(run_dir / "config.toml"), run_dir / "adapter")
+    print(f"accuracy {metrics['accuracy']:.4f}  macro_f1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
+          f"({metrics['examples']} test examples)")
+
+
+@app.command("config")
+def show_config() -> None:
+    """List every config key with its default and meaning."""
+    for key, default, help_text in describe():
+        print(f"{key:<28} {default:<22} {help_text}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="fedrank")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

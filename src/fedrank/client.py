@@ -1,0 +1,183 @@
+"""One client's side of a round: build the local adapter, train it, upload; and evaluation.
+
+The payload a client receives is the method's tensors plus the task head under ``head/``;
+a reply carries the method's upload plus the trained head under ``head/``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from transformers import PreTrainedTokenizerBase
+
+from fedrank.adapters import AdaptedModel
+from fedrank.config import TrainConfig
+from fedrank.methods import Method, Reply, Task, Tensors
+from fedrank.methods.base import Factors, task_generator
+
+HEAD = "head/"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids (unpadded, truncated) and labels of a dataset."""
+
+    ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int]) -> Encoded:
+        return Encoded([self.ids[i] for i in indices], [self.labels[i] for i in indices])
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int], max_length: int) -> Encoded:
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(ids, list(labels))
+
+
+def collate(data: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, Tensor]:
+    """Dynamic padding: pad to the longest example in this batch only."""
+    width = max(len(data.ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        ids = data.ids[i]
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([data.labels[i] for i in indices])}
+
+
+def split_head(tensors: Tensors) -> tuple[Tensors, dict[str, Tensor]]:
+    """(method tensors, head tensors without the prefix)."""
+    head = {k.removeprefix(HEAD): v for k, v in tensors.items() if k.startswith(HEAD)}
+    rest = {k: v for k, v in tensors.items() if not k.startswith(HEAD)}
+    return rest, head
+
+
+def with_head(tensors: Tensors, head: dict[str, Tensor]) -> Tensors:
+    return {**tensors, **{HEAD + k: v for k, v in head.items()}}
+
+
+def local_steps(cfg: TrainConfig, examples: int) -> int:
+    if cfg.local_epochs > 0:
+        return max(1, math.ceil(cfg.local_epochs * examples / cfg.batch_size))
+    return cfg.local_steps
+
+
+def lr_factor(cfg: TrainConfig, steps: int):
+    """Warmup then constant / cosine / linear decay, as a LambdaLR factor."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+        return {"constant": 1.0, "cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1.0 - progress}[
+            cfg.lr_schedule]
+    return factor
+
+
+def batch_order(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
+    """Endless shuffled epochs of batch indices."""
+    while True:
+        perm = torch.randperm(n, generator=gen).tolist()
+        for start in range(0, n, batch_size):
+            yield perm[start : start + batch_size]
+
+
+def classification_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and the logits."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits, batch["labels"]), logits
+
+
+@dataclass
+class ClientData:
+    train: Encoded
+    val: Encoded
+
+
+class FedClient:
+    """A client process's state: the method's client half, the shared model and the clients' data."""
+
+    def __init__(self, method: Method, model: AdaptedModel, cfg: TrainConfig, data: dict[int, ClientData],
+                 num_labels: int, pad_id: int, seed: int) -> None:
+        self.method, self.model, self.cfg, self.data = method, model, cfg, data
+        self.num_labels, self.pad_id, self.seed = num_labels, pad_id, seed
+
+    def fit(self, task: Task, payload: Tensors) -> tuple[Reply, dict[str, float]]:
+        """Build the local adapter from the payload, train it, return the upload and training stats."""
+        received, head = split_head(payload)
+        start = self.method.local_start(received, task)
+        model = self.model
+        model.use_rank(task.rank)
+        model.set_base(start.fold)
+        model.set_factors(start.init)
+        model.set_head(head)
+        loss = self._train(task, start.train_A)
+        trained = model.get_factors()
+        upload = with_head(self.method.upload(start, trained, task), model.get_head())
+        model.set_base(None)
+        return Reply(task, float(len(self.data[task.client].train)), upload), {"train_loss": loss}
+
+    def validate(self, client: int, factors: Factors, head: dict[str, Tensor]) -> float:
+        """Accuracy of the given global model on this client's local validation split (0 if it has none)."""
+        val = self.data[client].val
+        if len(val) == 0:
+            return 0.0
+        self.model.set_head(head)
+        with self.model.merged(factors) as net:
+            return evaluate(net, val, self.num_labels, self.cfg.batch_size, self.pad_id)["accuracy"]
+
+    def _train(self, task: Task, train_A: bool) -> float:
+        cfg, model, data = self.cfg, self.model, self.data[task.client].train
+        lora, head = model.trainable(train_A)
+        groups = [{"params": lora, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        steps = local_steps(cfg, len(data))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
+        gen = task_generator(self.seed, task, "batches")
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))  # dropout
+        order = batch_order(len(data), cfg.batch_size, gen)
+        model.peft.train()
+        total = 0.0
+        for _ in range(steps):
+            loss, _ = classification_loss(model.peft, collate(data, next(order), self.pad_id))
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(lora + head, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            total += loss.item()
+        model.peft.eval()
+        return total / steps
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Encoded, num_labels: int, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean cross-entropy; batches of similar length to save padding."""
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    loss_sum = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = collate(data, order[start : start + batch_size], pad_id)
+        loss, logits = classification_loss(model, batch)
+        loss_sum += loss.item() * len(batch["labels"])
+        pred = logits.argmax(-1)
+        confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
+    tp = confusion.diag().double()
+    precision = tp / confusion.sum(0).clamp_min(1)
+    recall = tp / confusion.sum(1).clamp_min(1)
+    f1 = torch.where(tp > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), torch.zeros_like(tp))
+    present = confusion.sum(1) > 0
+    return {
+        "accuracy": float(tp.sum() / max(1, len(data))),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "loss": loss_sum / max(1, len(data)),
+    }

@@ -1,0 +1,73 @@
+"""Build everything a run needs from its config: data, partitions, model, method, rank policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from fedrank.adapters import AdaptedModel
+from fedrank.client import ClientData, Encoded, FedClient, encode
+from fedrank.config import Config
+from fedrank.data import Splits, load_splits, local_split, partition
+from fedrank.methods import Method, get_method
+from fedrank.models import LoadedModel, load_classifier
+from fedrank.ranks import RankPolicy, make_rank_policy
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    splits: Splits
+    loaded: LoadedModel
+    model: AdaptedModel
+    method: Method
+    policy: RankPolicy
+    client: FedClient
+    sizes: list[int]  # training examples per client
+    test: Encoded  # the whole test split
+    test_round: Encoded  # the seeded subset evaluated after every round
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.splits.train.label_names)
+
+    def fresh_base(self) -> PreTrainedModel:
+        """A new copy of the base model (as loaded for this run, before any LoRA)."""
+        return load_classifier(self.cfg.model.name, self.num_labels, self.cfg.seed).model
+
+
+def eval_subset(test: Encoded, max_examples: int, seed: int) -> Encoded:
+    if max_examples <= 0 or max_examples >= len(test):
+        return test
+    pick = np.random.default_rng([seed, 7]).choice(len(test), max_examples, replace=False)
+    return test.subset(sorted(pick.tolist()))
+
+
+def build(cfg: Config) -> Experiment:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    method_cls = get_method(cfg.method)
+    splits = load_splits(cfg.data, cfg.seed)
+    shards = partition(splits.train.labels, cfg.clients.count, cfg.data, cfg.seed)
+    num_labels = len(splits.train.label_names)
+    loaded = load_classifier(cfg.model.name, num_labels, cfg.seed)
+    tok = loaded.tokenizer
+    train = encode(tok, splits.train.texts, splits.train.labels, cfg.train.max_length)
+    test = encode(tok, splits.test.texts, splits.test.labels, cfg.train.max_length)
+    data = {}
+    for c, shard in enumerate(shards):
+        tr, va = local_split(shard, cfg.clients.val_fraction, cfg.seed, c)
+        data[c] = ClientData(train.subset(tr), train.subset(va))
+    model = AdaptedModel(loaded.model, cfg.model.target_modules, cfg.model.head_modules, cfg.model.scale,
+                         cfg.model.scaling, cfg.model.dropout, max(cfg.ranks.values, default=1))
+    slot_cost = sum(m + n for m, n in model.shapes.values())
+    policy = make_rank_policy(cfg.ranks, cfg.clients.count, cfg.seed, slot_cost)
+    method = method_cls(model.shapes, policy.global_rank, cfg.seed)
+    method.check_tiers(policy.tiers)
+    client = FedClient(method, model, cfg.train, data, num_labels, tok.pad_token_id, cfg.seed)
+    sizes = [len(data[c].train) for c in range(cfg.clients.count)]
+    return Experiment(cfg, splits, loaded, model, method, policy, client, sizes, test,
+                      eval_subset(test, cfg.eval.max_examples, cfg.seed))

@@ -1,0 +1,20 @@
+"""Runtime registry: config name → a factory taking the built experiment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedrank.config import ConfigError
+from fedrank.experiment import Experiment
+from fedrank.runtime import Runtime
+from fedrank.runtime.local import LocalRuntime
+
+RUNTIMES: dict[str, Callable[[Experiment], Runtime]] = {
+    "local": lambda exp: LocalRuntime(exp.client),
+}
+
+
+def make_runtime(name: str, exp: Experiment) -> Runtime:
+    if name not in RUNTIMES:
+        raise ConfigError(f"unknown runtime `{name}`: use one of {', '.join(RUNTIMES)}")
+    return RUNTIMES[name](exp)

@@ -1,0 +1,213 @@
+"""The round loop: sample, assign ranks, send, aggregate, evaluate, account bytes, checkpoint.
+
+Method-agnostic: everything method-specific happens behind ``Method``; everything
+transport-specific behind ``Runtime``.  Every random draw derives from
+``(seed, round, client)``, so a checkpoint's round number fixes all RNG state and a
+resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fedrank import aggregation, checkpoint
+from fedrank.client import evaluate, split_head, with_head
+from fedrank.experiment import Experiment
+from fedrank.methods import Reply, Task, Tensors
+from fedrank.methods.base import Factors, truncate
+from fedrank.runtime import Runtime
+
+def nbytes(tensors: Tensors) -> int:
+    """Bytes on the wire: the tensors actually exchanged."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def sample_clients(seed: int, round: int, count: int, per_round: int) -> list[int]:
+    return sorted(np.random.default_rng([seed, round, 1]).choice(count, per_round, replace=False).tolist())
+
+
+@dataclass
+class RunFiles:
+    """The layout of a run folder."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    def read_metrics(self, up_to: int | None = None) -> list[dict[str, Any]]:
+        """Complete metric lines (a line cut by a crash is dropped), at most round ``up_to``."""
+        rows = []
+        if self.metrics.exists():
+            for line in self.metrics.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if up_to is None or row["round"] <= up_to:
+                    rows.append(row)
+        return rows
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        checkpoint.atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class Server:
+    """Runs rounds of one experiment through a runtime, writing metrics and checkpoints to ``files``."""
+
+    def __init__(self, exp: Experiment, runtime: Runtime, files: RunFiles,
+                 on_client: Callable[[Task], None] = lambda task: None,
+                 on_round: Callable[[dict[str, Any]], None] = lambda row: None,
+                 on_start: Callable[[int], None] = lambda start: None,
+                 log: Callable[[str], None] = print) -> None:
+        self.exp, self.runtime, self.files = exp, runtime, files
+        self.on_client, self.on_round, self.on_start, self.log = on_client, on_round, on_start, log
+
+    # ----------------------------------------------------------------- state
+
+    def _restore(self) -> tuple[int, Tensors, Tensors, dict[str, int]]:
+        exp = self.exp
+        ckpt = checkpoint.latest(self.files.checkpoints, warn=self.log)
+        if ckpt is None:
+            self.files.rewrite_metrics([])
+            return 0, exp.method.init_state(), exp.model.get_head(), {"upload": 0, "download": 0}
+        exp.policy.load_state_dict(ckpt.meta["policy"])
+        self.files.rewrite_metrics(self.files.read_metrics(up_to=ckpt.round))
+        state, head = split_head(ckpt.tensors)
+        return ckpt.round, state, head, ckpt.meta["totals"]
+
+    def _save(self, round: int, state: Tensors, head: Tensors, totals: dict[str, int]) -> None:
+        meta = {"policy": self.exp.policy.state_dict(), "totals": totals, "seed": self.exp.cfg.seed}
+        checkpoint.save(self.files.checkpoints, round, with_head(state, head), meta)
+
+    # ----------------------------------------------------------------- evaluation
+
+    def evaluate(self, state: Tensors, head: Tensors, data=None) -> dict[str, float]:
+        """Global model metrics; for rank-ordered methods also the model truncated to each lower tier."""
+        exp = self.exp
+        data = data if data is not None else exp.test_round
+        factors = exp.method.global_factors(state)
+        out = self._evaluate_factors(factors, head, data)
+        if exp.cfg.eval.tiers and exp.method.rank_ordered and len(exp.policy.tiers) > 1:
+            for r in exp.policy.tiers:
+                out[f"accuracy_r{r}"] = (out["accuracy"] if r == exp.policy.global_rank else
+                                         self._evaluate_factors(truncate(factors, r), head, data)["accuracy"])
+        return out
+
+    def _evaluate_factors(self, factors: Factors, head: Tensors, data) -> dict[str, float]:
+        exp = self.exp
+        exp.model.set_head(head)
+        with exp.model.merged(factors) as net:
+            return evaluate(net, data, exp.num_labels, exp.cfg.eval.batch_size, exp.loaded.tokenizer.pad_token_id)
+
+    # ----------------------------------------------------------------- the loop
+
+    def round(self, rnd: int, state: Tensors, head: Tensors) -> tuple[Tensors, Tensors, dict[str, Any]]:
+        """One federated round; returns the new state, head and the round's metrics."""
+        exp, cfg = self.exp, self.exp.cfg
+        t0 = time.perf_counter()
+        clients = sample_clients(cfg.seed, rnd, cfg.clients.count, cfg.clients.per_round)
+        ranks = exp.policy.ranks(rnd, clients, [exp.sizes[c] for c in clients])
+        jobs = [(task, with_head(exp.method.payload(state, task), head))
+                for task in (Task(c, r, rnd) for c, r in zip(clients, ranks))]
+        outcomes = self.runtime.fit(jobs, self.on_client)
+        t1 = time.perf_counter()
+        replies, heads = [], []
+        for reply, _ in outcomes:
+            tensors, reply_head = split_head(reply.tensors)
+            replies.append(Reply(reply.task, reply.weight, tensors))
+            heads.append(reply_head)
+        if replies:
+            state = exp.method.aggregate(state, replies)
+            head = aggregation.weighted_mean(heads, [r.weight for r in replies])
+        else:
+            self.log(f"round {rnd}: no client replied; the global model is unchanged")
+        arrived = {r.task.client for r in replies}
+        row: dict[str, Any] = {
+            "round": rnd,
+            "clients": clients,
+            "ranks": ranks,
+            "missing": [c for c in clients if c not in arrived],
+            "train_loss": float(np.mean([s["train_loss"] for _, s in outcomes])) if outcomes else None,
+            "upload_bytes": sum(nbytes(r.tensors) for r, _ in outcomes),
+            "download_bytes": sum(nbytes(p) for _, p in jobs),
+        }
+        t2 = time.perf_counter()
+        row.update(self.evaluate(state, head))
+        if exp.policy.needs_scores_after_round == rnd:
+            scores = self.runtime.validate(exp.method.global_factors(state), head, range(cfg.clients.count))
+            exp.policy.observe_scores(scores)
+        t3 = time.perf_counter()
+        row.update(train_s=t1 - t0, aggregate_s=t2 - t1, eval_s=t3 - t2)
+        return state, head, row
+
+    def run(self) -> dict[str, Any]:
+        """Rounds from the last checkpoint to ``cfg.rounds``; returns the summary."""
+        cfg = self.exp.cfg
+        start, state, head, totals = self._restore()
+        if start:
+            self.log(f"resuming after round {start} of {cfg.rounds}")
+        self.on_start(start)
+        for rnd in range(start + 1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            state, head, row = self.round(rnd, state, head)
+            totals = {"upload": totals["upload"] + row["upload_bytes"],
+                      "download": totals["download"] + row["download_bytes"]}
+            row.update(cum_upload_bytes=totals["upload"], cum_download_bytes=totals["download"])
+            self._save(rnd, state, head, totals)
+            row["wall_s"] = time.perf_counter() - t0
+            self.files.append_metrics(row)
+            self.on_round(row)
+        return self.finish(state, head)
+
+    def finish(self, state: Tensors, head: Tensors) -> dict[str, Any]:
+        """Final evaluation, summary.json and the PEFT adapter export."""
+        exp, cfg = self.exp, self.exp.cfg
+        rows = self.files.read_metrics()
+        final = self.evaluate(state, head, exp.test if cfg.eval.final_full else exp.test_round)
+        summary = {
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "rounds": cfg.rounds,
+            "final_accuracy": final["accuracy"],
+            "final_macro_f1": final["macro_f1"],
+            "final_loss": final["loss"],
+            "final_eval_examples": len(exp.test) if cfg.eval.final_full else len(exp.test_round),
+            "final_tiers": {k: v for k, v in final.items() if k.startswith("accuracy_r")},
+            "best_round_accuracy": max(r["accuracy"] for r in rows),
+            "upload_bytes": rows[-1]["cum_upload_bytes"],
+            "download_bytes": rows[-1]["cum_download_bytes"],
+            "wall_s": sum(r["wall_s"] for r in rows),
+            "global_rank": exp.policy.global_rank,
+            "tiers": exp.policy.tiers,
+        }
+        exp.model.export(self.files.adapter, exp.method.global_factors(state), head, exp.fresh_base)
+        checkpoint.atomic_write(self.files.summary, json.dumps(summary, indent=2).encode())
+        return summary
