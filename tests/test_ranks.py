@@ -227,7 +227,6 @@ def test_budget_too_small() -> None:
         (5, {"policy": "fixd"}, r"unknown ranks.policy `fixd` \(did you mean `fixed`\?\): choose one of fixed, random"),
         (5, {"policy": "zzz"}, r"unknown ranks.policy `zzz`: choose one of fixed, random, quality, budget"),
         (5, {"distribution": "heavy"}, r"unknown ranks.distribution `heavy` \(did you mean `heavy_tail`\?\)"),
-        (5, {"values": [4, 8, 16]}, r"fixed policy got 3 ranks for 5 clients: .*exactly 5 ranks .*ranks.fractions"),
         (5, {"policy": "quality", "values": [4]}, r"quality policy needs two distinct ranks"),
         (5, {"policy": "quality", "values": [4, 8, 16]}, r"quality policy needs two distinct ranks"),
         (5, {"policy": "quality", "values": [8, 8]}, r"quality policy needs two distinct ranks"),
@@ -297,3 +296,10 @@ def test_quality_state_is_needed_to_resume() -> None:
 def test_load_state_dict_rejects_mismatched_checkpoint(state: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="resume with the config the run was started with"):
         policy(4).load_state_dict(state)
+
+
+def test_fixed_tiers_without_fractions_are_equal_shares() -> None:
+    policy = make_rank_policy(RanksConfig(values=[4, 8, 16]), 5, seed=0)
+    ranks = policy.ranks(1, list(range(5)), [1] * 5)
+    assert sorted(ranks) == [4, 4, 8, 8, 16]
+    assert policy.tiers == [4, 8, 16]

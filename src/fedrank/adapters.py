@@ -14,6 +14,7 @@ change (``W = W0 + s Σ B_f A_f`` for folded factors), so nothing drifts across 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,9 @@ from transformers import PreTrainedModel
 from fedrank.config import ConfigError
 
 Factors = dict[str, tuple[Tensor, Tensor]]
+
+# PEFT still calls a transformers API that warns on every adapter: noise for our users, not theirs to fix.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # PEFT alpha for a rank-r adapter so that its scaling alpha/r (or alpha/√r for rslora) is known.
 SCALINGS = ("shared", "alpha_over_r", "rslora")

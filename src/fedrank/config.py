@@ -30,14 +30,15 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ClientsConfig:
     count: int = _opt(20, "number of registered clients (data partitions)", min=1)
-    per_round: int = _opt(5, "clients sampled per round (seeded)", min=1)
+    per_round: int = _opt(4, "clients sampled per round (seeded)", min=1)
     val_fraction: float = _opt(0.1, "fraction of each client's shard held out as its local validation split", min=0.0, max=0.9)
 
 
 @dataclass
 class RanksConfig:
     policy: str = _opt("fixed", "rank allocation: fixed | random | quality | budget")
-    values: list[int] = _opt([4, 16], "ranks: one for all, one per client, or tiers (with `fractions`)")
+    values: list[int] = _opt([4, 16], "ranks: one for all, one per client, or tiers (equal shares unless `fractions`)",
+                             min=1)
     fractions: list[float] = _opt([], "share of clients in each tier of `values` (fixed/random); sums to 1")
     top_fraction: float = _opt(0.1, "quality policy: share of clients raised to the high rank after round 1", min=0.0, max=1.0)
     budget: float = _opt(0.0, "budget policy: total uplink parameters per round over all sampled clients", min=0.0)
@@ -63,7 +64,8 @@ class ModelConfig:
     target_modules: list[str] = _opt(["query", "value"], "module names that get LoRA adapters")
     head_modules: list[str] = _opt(["classifier"], "modules trained in full and FedAvg-ed by every method (the task head)")
     scale: float = _opt(2.0, "LoRA scaling s shared by all clients: ΔW = s·B·A", min=0.0)
-    scaling: str = _opt("shared", "shared (alpha = s·r) | alpha_over_r (alpha = s·R_max) | rslora (alpha = s·√r)")
+    scaling: str = _opt("shared", "shared (alpha = s·r) | alpha_over_r (alpha = s·R_max) | rslora (alpha = s·√r)",
+                        choices=("shared", "alpha_over_r", "rslora"))
     dropout: float = _opt(0.0, "LoRA dropout", min=0.0, max=1.0)
 
 
@@ -73,17 +75,18 @@ class TrainConfig:
     local_epochs: float = _opt(0.0, "local epochs over the client's shard instead of local_steps (0 = use steps)", min=0.0)
     batch_size: int = _opt(16, "local batch size", min=1)
     max_length: int = _opt(64, "maximum tokens per example (batches are padded dynamically)", min=8)
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)", min=0.0)
-    head_lr: float = _opt(0.0, "learning rate of the classifier head (0 = same as lr)", min=0.0)
+    lr: float = _opt(2e-3, "peak learning rate (AdamW)", min=0.0)
+    head_lr: float = _opt(5e-3, "learning rate of the classifier head (0 = same as lr)", min=0.0)
     weight_decay: float = _opt(0.0, "AdamW weight decay", min=0.0)
-    lr_schedule: str = _opt("constant", "constant | cosine | linear, over the local steps, with warmup")
+    lr_schedule: str = _opt("constant", "constant | cosine | linear, over the local steps, with warmup",
+                            choices=("constant", "cosine", "linear"))
     warmup_steps: int = _opt(0, "linear warmup steps at the start of each local run", min=0)
     grad_clip: float = _opt(1.0, "gradient norm clip (0 = off)", min=0.0)
 
 
 @dataclass
 class EvalConfig:
-    max_examples: int = _opt(1000, "test examples evaluated after each round (seeded subset; 0 = all)", min=0)
+    max_examples: int = _opt(400, "test examples evaluated after each round (seeded subset; 0 = all)", min=0)
     final_full: bool = _opt(True, "evaluate the final global model on the whole test split")
     batch_size: int = _opt(64, "evaluation batch size", min=1)
     tiers: bool = _opt(True, "also evaluate the global model truncated to each rank tier (padding methods)")
@@ -151,6 +154,10 @@ def _check_ranges(cfg: Any, prefix: str = "") -> None:
         if is_dataclass(value):
             _check_ranges(value, f"{prefix}{f.name}.")
             continue
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"`{prefix}{f.name}` must be one of {', '.join(choices)}, got {value!r}"
+                              f"{_hint(str(value), list(choices))}")
         items = value if isinstance(value, list) else [value]
         for v in items:
             if "min" in f.metadata and v < f.metadata["min"]:

@@ -157,28 +157,24 @@ class _PerClientPolicy(RankPolicy):
 class FixedPolicy(_PerClientPolicy):
     """Static ranks in one of three forms.
 
-    ``values=[r]``: every client gets ``r``.  ``values`` with one rank per client:
-    client ``i`` gets ``values[i]``.  ``values`` with ``fractions``: tier ``t`` gets
-    ``fractions[t] · N`` clients (largest-remainder rounding, counts sum to ``N``) and a
-    seeded permutation decides which clients.
+    ``values=[r]``: every client gets ``r``.  ``values`` with one rank per client (and no
+    fractions): client ``i`` gets ``values[i]``.  Otherwise ``values`` are tiers: tier ``t``
+    gets ``fractions[t] · N`` clients (equal shares when no fractions are given;
+    largest-remainder rounding, counts sum to ``N``) and a seeded permutation decides which.
     """
 
     def __init__(self, cfg: RanksConfig, num_clients: int, seed: int, slot_cost: int = 1) -> None:
         super().__init__(cfg, num_clients, seed, slot_cost)
         values = cfg.values
-        if cfg.fractions:
-            counts = _tier_counts(cfg.fractions, num_clients)
-            self._ranks = [v for v, count in zip(values, counts) for _ in range(count)]
-            _rng(seed).shuffle(self._ranks)
-        elif len(values) == 1:
+        if len(values) == 1:
             self._ranks = values * num_clients
-        elif len(values) == num_clients:
+        elif len(values) == num_clients and not cfg.fractions:
             self._ranks = list(values)
         else:
-            raise ConfigError(
-                f"fixed policy got {len(values)} ranks for {num_clients} clients: give one rank for all "
-                f"(ranks.values=[8]), exactly {num_clients} ranks (one per client), or tiers with ranks.fractions"
-            )
+            fractions = cfg.fractions or [1.0 / len(values)] * len(values)
+            counts = _tier_counts(fractions, num_clients)
+            self._ranks = [v for v, count in zip(values, counts) for _ in range(count)]
+            _rng(seed).shuffle(self._ranks)
 
 
 class RandomPolicy(_PerClientPolicy):

@@ -11,7 +11,14 @@ from fedrank.runtime.local import LocalRuntime
 
 RUNTIMES: dict[str, Callable[[Experiment], Runtime]] = {
     "local": lambda exp: LocalRuntime(exp.client),
+    "flower": lambda exp: _flower(exp),
 }
+
+
+def _flower(exp: Experiment) -> Runtime:
+    from fedrank.runtime.flower import SimulationRuntime  # imports flwr only when asked for
+
+    return SimulationRuntime(exp)
 
 
 def make_runtime(name: str, exp: Experiment) -> Runtime:

@@ -1,0 +1,163 @@
+"""End-to-end federated runs on the packaged MiniLM and BBC News, in tiny settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedrank.cli import app, execute
+from fedrank.config import load_config
+from fedrank.export import evaluate_exported
+from fedrank.methods import METHODS
+
+TINY = [
+    "rounds=2", "clients.count=4", "clients.per_round=3", "train.local_steps=2", "train.batch_size=4",
+    "train.max_length=32", "ranks.values=[2,4,2,8]", "ranks.fractions=[]", "eval.max_examples=32", "eval.final_full=false",
+    "data.max_train_examples=120", "data.partition=iid",
+]
+REQUIRED = {"round", "accuracy", "macro_f1", "loss", "upload_bytes", "download_bytes", "wall_s"}
+
+
+def run_tiny(out: Path, *overrides: str) -> dict:
+    return execute(load_config(None, TINY + list(overrides)), out)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_completes_a_short_run(method: str, tmp_path: Path) -> None:
+    extra = ["ranks.values=[4]"] if method == "fedit" else []
+    summary = run_tiny(tmp_path, f"method={method}", *extra)
+    rows = metrics(tmp_path)
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert REQUIRED <= r.keys()
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["upload_bytes"] > 0 and r["download_bytes"] > 0
+        assert r["missing"] == []
+    assert summary["method"] == method and (tmp_path / "summary.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "config.toml").is_file()
+    if METHODS[method].rank_ordered and method != "fedit":
+        assert {"accuracy_r2", "accuracy_r4", "accuracy_r8"} <= rows[-1].keys()
+
+
+def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
+    run_tiny(tmp_path / "a")
+    run_tiny(tmp_path / "b")
+    assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))
+    run_tiny(tmp_path / "c", "seed=1")
+    assert untimed(metrics(tmp_path / "a")) != untimed(metrics(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("method", ["zeropad", "replication", "fedplora"])
+def test_equal_ranks_padding_methods_agree_with_fedit(method: str, tmp_path: Path) -> None:
+    run_tiny(tmp_path / "fedit", "method=fedit", "ranks.values=[4]")
+    run_tiny(tmp_path / method, f"method={method}", "ranks.values=[4]")
+    a, b = metrics(tmp_path / "fedit"), metrics(tmp_path / method)
+    for ra, rb in zip(a, b):
+        assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-9)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+    fa, fb = adapter(tmp_path / "fedit"), adapter(tmp_path / method)
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_extends_a_finished_run_to_equal_a_longer_run(tmp_path: Path) -> None:
+    run_tiny(tmp_path / "straight", "rounds=3")
+    run_tiny(tmp_path / "short", "rounds=2")
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "short"), "--set", "rounds=3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert untimed(metrics(tmp_path / "short")) == untimed(metrics(tmp_path / "straight"))
+    for k, v in adapter(tmp_path / "straight").items():
+        torch.testing.assert_close(adapter(tmp_path / "short")[k], v, rtol=0, atol=0)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedrank.cli", *args]
+
+
+def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    slow = ["rounds=4", "train.local_steps=6"]
+    run_tiny(tmp_path / "straight", *slow)
+    out = tmp_path / "killed"
+    sets = [x for o in TINY + slow for x in ("--set", o)]
+    proc = subprocess.Popen(_cli("run", "--out", str(out), "--quiet", *sets), env={**os.environ},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoints" / "round-0002.json").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        time.sleep(0.3)  # somewhere inside round 3
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it was killed: slow it down"
+    resumed = subprocess.run(_cli("run", "--resume", str(out), "--quiet"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert untimed(metrics(out)) == untimed(metrics(tmp_path / "straight"))
+    for k, v in adapter(tmp_path / "straight").items():
+        torch.testing.assert_close(adapter(out)[k], v, rtol=0, atol=0)
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    run_tiny(tmp_path / "straight", "rounds=3")
+    run_tiny(tmp_path / "run", "rounds=2")
+    latest = tmp_path / "run" / "checkpoints" / "round-0002.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "run"), "--set", "rounds=3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "damaged" in result.output
+    assert untimed(metrics(tmp_path / "run")) == untimed(metrics(tmp_path / "straight"))
+
+
+def test_exported_adapter_reproduces_the_reported_accuracy(tmp_path: Path) -> None:
+    summary = run_tiny(tmp_path, "eval.final_full=true", "method=flexlora")
+    reproduced = evaluate_exported(load_config(tmp_path / "config.toml"), tmp_path / "adapter")
+    assert reproduced["examples"] == summary["final_eval_examples"]
+    assert reproduced["accuracy"] == pytest.approx(summary["final_accuracy"], abs=2 / reproduced["examples"])
+    result = CliRunner().invoke(app, ["eval", str(tmp_path)])
+    assert result.exit_code == 0 and "accuracy" in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--set", "rouds=3"], "did you mean `rounds`"),
+    (["run", "--set", "method=fedavg"], "unknown method `fedavg`"),
+    (["run", "--set", "clients.per_round=50"], "exceeds clients.count"),
+    (["run", "--set", "method=fedit", "--set", "ranks.values=[4,16]", "--set", "clients.count=2",
+      "--set", "clients.per_round=1", "--set", "data.max_train_examples=50"], "same rank"),
+    (["run", "no/such.toml"], "not found"),
+    (["run", "--resume", "no/such/run"], "holds no fedrank run"),
+])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, args + (["--out", str(tmp_path / "o")] if "--resume" not in args else []))
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_resume_refuses_to_change_anything_but_rounds(tmp_path: Path) -> None:
+    run_tiny(tmp_path, "rounds=1")
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path), "--set", "method=zeropad"])
+    assert result.exit_code == 2 and "method" in result.output
