@@ -1,11 +1,8 @@
-"""The Flower runtime: wire codec, faults, and parity with the local runtime (simulation and a real loopback deployment)."""
+"""The Flower runtime: wire codec, faults, and parity with the local runtime (simulation, loopback deployment)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,14 +18,11 @@ pytest.importorskip("flwr")
 from fedrank.cli import execute  # noqa: E402
 from fedrank.config import load_config, save_config  # noqa: E402
 from fedrank.methods import Task  # noqa: E402
-from fedrank.runtime import flower  # noqa: E402
+from fedrank.runtime import flower, loopback  # noqa: E402
 from fedrank.server import RunFiles, Server, sample_clients  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_run import TINY, adapter, metrics, untimed  # noqa: E402
-
-BIN = Path(sys.executable).parent
-DEPLOY_APP = Path(__file__).resolve().parents[1] / "deploy" / "flower"
 
 
 @pytest.fixture(scope="module")
@@ -169,82 +163,14 @@ def test_simulation_from_fedrank_run_matches_local(local_run: Path, tmp_path: Pa
 # --------------------------------------------------------------------------- loopback deployment
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """Stop the processes this test started and the Flower processes they spawned, each by its PID."""
-    import psutil
-
-    family = []
-    for p in procs:
-        try:
-            family += [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            family.append(p.pid)
-    for pid in reversed(family):
-        try:
-            os.kill(pid, 15)
-        except ProcessLookupError:
-            pass
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    deadline = time.monotonic() + 15
-    for pid in family:
-        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                break
-            time.sleep(0.2)
-
-
-DEPLOY_BINARIES = ["flower-superlink", "flower-supernode", "flwr", "flower-superexec"]
-
-
-@pytest.mark.skipif(any(not (BIN / b).exists() and not shutil.which(b) for b in DEPLOY_BINARIES),
+@pytest.mark.skipif(not loopback.binaries_available(),
                     reason="Flower deployment binaries (flower-superlink, flower-supernode, flwr) are not installed")
 def test_loopback_deployment_matches_local(local_run: Path, tmp_path: Path) -> None:
-    link, nodes = free_port(), [free_port() for _ in range(2)]
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = dict(os.environ)
     env.pop(flower.FAULT_ENV, None)
     cfg_path, out = tmp_path / "tiny.toml", tmp_path / "run"
     save_config(load_config(None, TINY), cfg_path)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        f = open(logs / f"{name}.log", "w")
-        p = subprocess.Popen([*args], env=env, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
-
-    try:
-        start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
-              "--disable-runtime-dependency-installation", "--database", str(tmp_path / "link.db"))
-        for i, port in enumerate(nodes):
-            start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                  "--host", "127.0.0.1", "--port", str(port), "--node-config", f"partition-id={i} num-partitions=2")
-        deadline = time.monotonic() + 60
-        while socket.socket().connect_ex(("127.0.0.1", link)) != 0:
-            assert time.monotonic() < deadline, (logs / "superlink.log").read_text()
-            time.sleep(0.5)
-        run = subprocess.run(["flwr", "run", str(DEPLOY_APP), "loopback", "--stream", "--run-config",
-                              f'config="{cfg_path}" out="{out}" timeout-s=300.0'],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
-        assert (out / "summary.json").is_file(), run.stdout + run.stderr + (logs / "superlink.log").read_text()
-    finally:
-        stop(procs)
+    with loopback.loopback_deployment(tmp_path, 2, env=env) as dep:
+        run = dep.run(cfg_path, out, timeout=420, run_config="timeout-s=300.0")
+        assert (out / "summary.json").is_file(), run.stdout + run.stderr + dep.log("superlink")
     assert_same_run(local_run, out, exact=True)

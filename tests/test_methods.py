@@ -106,26 +106,32 @@ def test_heterogeneous_ranks_give_global_shapes(name: str) -> None:
         assert torch.isfinite(A).all() and torch.isfinite(B).all()
 
 
+def global_delta(method: Method, state, replies) -> dict[str, torch.Tensor]:
+    return delta(method.global_factors(method.aggregate(state, replies)))
+
+
+def assert_same_update(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for layer in SHAPES:
+        torch.testing.assert_close(a[layer], b[layer], rtol=1e-5, atol=1e-6)
+
+
+def three_replies(method: Method, weights: list[float]):
+    state = method.init_state()
+    return state, [client_round(method, state, Task(c, r, 1), w) for c, (r, w) in enumerate(zip([2, 8, 4], weights))]
+
+
 @pytest.mark.parametrize("name", HETERO)
 def test_client_order_does_not_matter(name: str) -> None:
     method = make(name)
-    state = method.init_state()
-    replies = [client_round(method, state, Task(c, r, 1), w) for c, (r, w) in enumerate(zip([2, 8, 4], [1.0, 2.0, 3.0]))]
-    a = delta(method.global_factors(method.aggregate(state, replies)))
-    b = delta(method.global_factors(method.aggregate(state, replies[::-1])))
-    for layer in SHAPES:
-        torch.testing.assert_close(a[layer], b[layer], rtol=1e-5, atol=1e-6)
+    state, replies = three_replies(method, [1.0, 2.0, 3.0])
+    assert_same_update(global_delta(method, state, replies), global_delta(method, state, replies[::-1]))
 
 
 @pytest.mark.parametrize("name", HETERO)
 def test_zero_weight_client_changes_nothing(name: str) -> None:
     method = make(name)
-    state = method.init_state()
-    replies = [client_round(method, state, Task(c, r, 1), w) for c, (r, w) in enumerate(zip([2, 8, 4], [1.0, 0.0, 3.0]))]
-    a = delta(method.global_factors(method.aggregate(state, replies)))
-    b = delta(method.global_factors(method.aggregate(state, [replies[0], replies[2]])))
-    for layer in SHAPES:
-        torch.testing.assert_close(a[layer], b[layer], rtol=1e-5, atol=1e-6)
+    state, replies = three_replies(method, [1.0, 0.0, 3.0])
+    assert_same_update(global_delta(method, state, replies), global_delta(method, state, [replies[0], replies[2]]))
 
 
 def test_flora_merges_the_exact_weighted_sum_of_updates() -> None:

@@ -161,3 +161,22 @@ def test_resume_refuses_to_change_anything_but_rounds(tmp_path: Path) -> None:
     run_tiny(tmp_path, "rounds=1")
     result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path), "--set", "method=zeropad"])
     assert result.exit_code == 2 and "method" in result.output
+
+
+def test_dropped_and_corrupt_clients_do_not_stop_the_run(tmp_path: Path) -> None:
+    run_tiny(tmp_path, "rounds=3", "faults.drop_fraction=0.3", "faults.corrupt_fraction=0.3",
+             "faults.fail_fraction=0.1")
+    rows = metrics(tmp_path)
+    assert len(rows) == 3
+    assert any(r["missing"] for r in rows) and any(r["rejected"] for r in rows)
+    for r in rows:
+        assert set(r["missing"]) <= set(r["clients"])
+        assert all("non-finite" in x["reason"] for x in r["rejected"])
+
+
+def test_a_round_without_valid_updates_leaves_the_global_adapter_unchanged(tmp_path: Path) -> None:
+    run_tiny(tmp_path, "faults.corrupt_fraction=1.0")
+    rows = metrics(tmp_path)
+    assert all(len(r["rejected"]) == len(r["clients"]) for r in rows)
+    lora_B = [t for k, t in adapter(tmp_path).items() if "lora_B" in k]
+    assert lora_B and all(torch.count_nonzero(t) == 0 for t in lora_B)  # still LoRA's zero init

@@ -60,8 +60,8 @@ class AdaptedModel:
     """One base model with per-rank PEFT LoRA adapters and a trainable head shared by all clients."""
 
     def __init__(self, model: PreTrainedModel, target_modules: Sequence[str], head_modules: Sequence[str],
-                 scale: float, scaling: str, dropout: float, global_rank: int) -> None:
-        self.scale, self.scaling, self.dropout = scale, scaling, dropout
+                 scale: float, scaling: str, dropout: float, global_rank: int, task_type: str | None = None) -> None:
+        self.scale, self.scaling, self.dropout, self.task_type = scale, scaling, dropout, task_type
         self.target_modules, self.global_rank = list(target_modules), global_rank
         peft_scaling(scaling, scale, 1, 1)  # validate the policy name early
         self.head_names = [n for n, _ in model.named_parameters() if any(f".{h}." in f".{n}" for h in head_modules)]
@@ -170,11 +170,14 @@ class AdaptedModel:
         adapter_model.safetensors) on a fresh copy of the base model.
 
         Rank = the largest layer rank (smaller layers are zero-padded: ``B·A`` unchanged); the task
-        head travels as ``modules_to_save``.  Load it with ``PeftModel.from_pretrained(base, folder)``.
+        head travels as ``modules_to_save`` (none for causal LMs, whose adapter has PEFT task_type
+        CAUSAL_LM).  Load it with ``PeftModel.from_pretrained(base, folder)``.
         """
         rank = max(1, max(A.shape[0] for A, _ in factors.values()))
         head_modules = sorted({n.rsplit(".", 1)[0] for n in self.head_names})
-        config = lora_config(rank, self.scale, self.target_modules, 0.0, "shared", modules_to_save=head_modules)
+        extra = {"task_type": self.task_type} if self.task_type else {}
+        config = lora_config(rank, self.scale, self.target_modules, 0.0, "shared",
+                             modules_to_save=head_modules or None, **extra)
         peft = get_peft_model(fresh_base(), config)
         params = dict(peft.named_parameters())
         with torch.no_grad():

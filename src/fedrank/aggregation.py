@@ -297,5 +297,7 @@ def weighted_mean(tensors: Sequence[dict[str, Tensor]], weights: Weights) -> dic
     """FedAvg of dense parameters (e.g. the task head): ``Σ_k p_k X_k`` per key."""
     if not tensors:
         raise ValueError("no client tensors given: pass at least one")
+    if not tensors[0]:  # nothing to average (e.g. a causal LM has no task head)
+        return {}
     p = _normalised(weights, len(tensors), next(iter(tensors[0].values())))
     return {key: sum(pk * t[key] for pk, t in zip(p, tensors)) for key in tensors[0]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
@@ -18,6 +18,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table  # noqa: E402
 
 from fedrank.config import Config, ConfigError, describe, load_config, save_config, to_dict  # noqa: E402
+
+NAN = float("nan")  # printed for metrics a task does not have (instruct: no accuracy)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated LoRA fine-tuning with rank-heterogeneous clients.")
@@ -32,7 +34,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -63,7 +65,7 @@ def _table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
     for col in ("round", "accuracy", "macro-F1", "loss", "up MB", "down MB", "s"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['loss']:.4f}",
+        table.add_row(str(r["round"]), f"{r.get('accuracy', NAN):.4f}", f"{r.get('macro_f1', NAN):.4f}", f"{r['loss']:.4f}",
                       f"{r['upload_bytes'] / 1e6:.2f}", f"{r['download_bytes'] / 1e6:.2f}", f"{r['wall_s']:.1f}")
     return table
 
@@ -87,14 +89,17 @@ def run(
             run_dir = _new_run_dir(cfg, config, out)
         summary = execute(cfg, run_dir, quiet)
     if not quiet:
-        console.print(f"final accuracy {summary['final_accuracy']:.4f} on {summary['final_eval_examples']} test "
+        console.print(f"final accuracy {summary.get('final_accuracy') or NAN:.4f} on {summary['final_eval_examples']} test "
                       f"examples · outputs in {run_dir}")
 
 
-def execute(cfg: Config, run_dir: Path, quiet: bool = True) -> dict[str, Any]:
-    """Build the experiment and run it in ``run_dir`` (resuming from its checkpoints if any)."""
-    from fedrank.runtime.registry import make_runtime
+def execute(cfg: Config, run_dir: Path, quiet: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+    """Build the experiment and run it in ``run_dir`` (resuming from its checkpoints if any).
+
+    Progress goes to ``progress`` when given (one bar for this run), else to a bar of its own unless ``quiet``.
+    """
     from fedrank.experiment import build
+    from fedrank.runtime.registry import make_runtime
     from fedrank.server import RunFiles, Server
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,22 +107,88 @@ def execute(cfg: Config, run_dir: Path, quiet: bool = True) -> dict[str, Any]:
     save_config(cfg, files.config)
     exp = build(cfg)
     runtime = make_runtime(cfg.runtime, exp)
-    total = cfg.rounds * cfg.clients.per_round
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, disable=quiet, transient=False) as bar:
-        task = bar.add_task(f"{cfg.method}: round 1/{cfg.rounds}", total=total)
+    with (nullcontext(progress) if progress else _progress(quiet)) as bar:
+        task = bar.add_task(f"{run_dir.name}: round 1/{cfg.rounds}", total=cfg.rounds * cfg.clients.per_round)
 
         def on_round(row: dict[str, Any]) -> None:
-            bar.update(task, description=f"{cfg.method}: round {min(row['round'] + 1, cfg.rounds)}/{cfg.rounds} "
-                                         f"acc {row['accuracy']:.3f}")
+            bar.update(task, description=f"{run_dir.name}: round {min(row['round'] + 1, cfg.rounds)}/{cfg.rounds} "
+                                         f"acc {row.get('accuracy', NAN):.3f}")
 
         server = Server(exp, runtime, files, on_client=lambda t: bar.advance(task), on_round=on_round,
                         on_start=lambda start: bar.update(task, completed=start * cfg.clients.per_round),
                         log=console.print)
-        summary = server.run()
+        try:
+            summary = server.run()
+        finally:
+            runtime.close()
+        if progress:
+            bar.remove_task(task)
     if not quiet:
         console.print(_table(files.read_metrics(), summary))
     return summary
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, disable=quiet)
+
+
+@app.command()
+def compare(
+    config: Annotated[Optional[Path], typer.Argument(help="experiment TOML shared by every run")] = None,
+    methods: Annotated[str, typer.Option(help="comma-separated methods; METHOD@R runs every client at rank R")] = "",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0",
+    set_: Annotated[list[str], typer.Option("--set", help="override a key for every run")] = [],
+    out: Annotated[Path, typer.Option(help="comparison folder: runs/ inside, report.md beside")] = Path("runs/compare"),
+    target: Annotated[float, typer.Option(help="accuracy whose first round is reported")] = 0.8,
+    diagnose: Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zeropad vs replication diagnostic")] = False,
+) -> None:
+    """Run several methods on the same partitions, ranks and seeds; finished runs are not redone."""
+    from fedrank.compare import plan
+    from fedrank.report import load_run, write_report
+
+    with user_errors():
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds must be comma-separated integers, got `{seeds}`") from None
+        runs = plan(config, [m for m in methods.split(",") if m.strip()], seed_list, set_, out)
+        with _progress(quiet=False) as bar:
+            overall = bar.add_task("runs", total=len(runs), completed=sum(r.finished for r in runs))
+            for run in runs:
+                if not run.finished:
+                    execute(run.cfg, run.folder, progress=bar)
+                    bar.advance(overall)
+        records = [load_run(r.folder) for r in runs]
+        report = write_report(records, out, target, appendix=_diagnostic(records, out) if diagnose else "")
+    console.print(f"report: {report}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="finished run folders")],
+    out: Annotated[Path, typer.Option(help="where report.md and the plots go")] = Path("runs/report"),
+    target: Annotated[float, typer.Option(help="accuracy whose first round is reported")] = 0.8,
+    diagnose: Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zeropad vs replication diagnostic")] = False,
+) -> None:
+    """Render report.md and plots from finished runs."""
+    from fedrank.report import load_run, write_report
+
+    with user_errors():
+        records = [load_run(d) for d in run_dirs]
+        path = write_report(records, out, target, appendix=_diagnostic(records, out) if diagnose else "")
+    console.print(f"report: {path}")
+
+
+def _diagnostic(records: list, out: Path) -> str:
+    """Run the round-1 diagnostic on the first run's config; save diagnostic.json; return its markdown."""
+    import json
+
+    from fedrank.diagnose import markdown, padding_diagnostic
+
+    results = padding_diagnostic(records[0].cfg)
+    (out / "diagnostic.json").write_text(json.dumps(results, indent=2))
+    return markdown(results)
 
 
 @app.command("eval")
@@ -131,7 +202,7 @@ def eval_adapter(
         if not (run_dir / "adapter" / "adapter_config.json").is_file():
             raise ConfigError(f"{run_dir} has no exported adapter: finish the run first (fedrank run --resume {run_dir})")
         metrics = evaluate_exported(load_config(run_dir / "config.toml"), run_dir / "adapter")
-    print(f"accuracy {metrics['accuracy']:.4f}  macro_f1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}  "
+    print(f"accuracy {metrics.get('accuracy', NAN):.4f}  macro_f1 {metrics.get('macro_f1', NAN):.4f}  loss {metrics['loss']:.4f}  "
           f"({metrics['examples']} test examples)")
 
 

@@ -19,39 +19,15 @@ from fedrank.adapters import AdaptedModel
 from fedrank.config import TrainConfig
 from fedrank.methods import Method, Reply, Task, Tensors
 from fedrank.methods.base import Factors, task_generator
+from fedrank.tasks import Classify, Encoded, LearningTask, collate, task_of
 
 HEAD = "head/"
 
 
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids (unpadded, truncated) and labels of a dataset."""
-
-    ids: list[list[int]]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices: Sequence[int]) -> Encoded:
-        return Encoded([self.ids[i] for i in indices], [self.labels[i] for i in indices])
-
-
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int], max_length: int) -> Encoded:
+    """Classification encoding (kept for callers that predate tasks; tasks encode with ``LearningTask.encode``)."""
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     return Encoded(ids, list(labels))
-
-
-def collate(data: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, Tensor]:
-    """Dynamic padding: pad to the longest example in this batch only."""
-    width = max(len(data.ids[i]) for i in indices)
-    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(indices), width), dtype=torch.long)
-    for row, i in enumerate(indices):
-        ids = data.ids[i]
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([data.labels[i] for i in indices])}
 
 
 def split_head(tensors: Tensors) -> tuple[Tensors, dict[str, Tensor]]:
@@ -91,8 +67,8 @@ def batch_order(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[
 
 
 def classification_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy and the logits."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Mean cross-entropy and the logits (the classify task's loss)."""
+    logits = Classify().logits(model, batch)
     return F.cross_entropy(logits, batch["labels"]), logits
 
 
@@ -106,9 +82,10 @@ class FedClient:
     """A client process's state: the method's client half, the shared model and the clients' data."""
 
     def __init__(self, method: Method, model: AdaptedModel, cfg: TrainConfig, data: dict[int, ClientData],
-                 num_labels: int, pad_id: int, seed: int) -> None:
+                 num_labels: int, pad_id: int, seed: int, task: LearningTask | None = None) -> None:
         self.method, self.model, self.cfg, self.data = method, model, cfg, data
         self.num_labels, self.pad_id, self.seed = num_labels, pad_id, seed
+        self.task = task or Classify()
 
     def fit(self, task: Task, payload: Tensors) -> tuple[Reply, dict[str, float]]:
         """Build the local adapter from the payload, train it, return the upload and training stats."""
@@ -126,13 +103,14 @@ class FedClient:
         return Reply(task, float(len(self.data[task.client].train)), upload), {"train_loss": loss}
 
     def validate(self, client: int, factors: Factors, head: dict[str, Tensor]) -> float:
-        """Accuracy of the given global model on this client's local validation split (0 if it has none)."""
+        """The task's score (accuracy; minus loss for instruct) of the given global model on this client's
+        local validation split (0 if it has none)."""
         val = self.data[client].val
         if len(val) == 0:
             return 0.0
         self.model.set_head(head)
         with self.model.merged(factors) as net:
-            return evaluate(net, val, self.num_labels, self.cfg.batch_size, self.pad_id)["accuracy"]
+            return self.task.score(evaluate(net, val, self.num_labels, self.cfg.batch_size, self.pad_id))
 
     def _train(self, task: Task, train_A: bool) -> float:
         cfg, model, data = self.cfg, self.model, self.data[task.client].train
@@ -147,7 +125,7 @@ class FedClient:
         model.peft.train()
         total = 0.0
         for _ in range(steps):
-            loss, _ = classification_loss(model.peft, collate(data, next(order), self.pad_id))
+            loss = self.task.loss(model.peft, collate(data, next(order), self.pad_id))
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(lora + head, cfg.grad_clip)
@@ -159,25 +137,7 @@ class FedClient:
         return total / steps
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Encoded, num_labels: int, batch_size: int, pad_id: int) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean cross-entropy; batches of similar length to save padding."""
-    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
-    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
-    loss_sum = 0.0
-    for start in range(0, len(order), batch_size):
-        batch = collate(data, order[start : start + batch_size], pad_id)
-        loss, logits = classification_loss(model, batch)
-        loss_sum += loss.item() * len(batch["labels"])
-        pred = logits.argmax(-1)
-        confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
-    tp = confusion.diag().double()
-    precision = tp / confusion.sum(0).clamp_min(1)
-    recall = tp / confusion.sum(1).clamp_min(1)
-    f1 = torch.where(tp > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), torch.zeros_like(tp))
-    present = confusion.sum(1) > 0
-    return {
-        "accuracy": float(tp.sum() / max(1, len(data))),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "loss": loss_sum / max(1, len(data)),
-    }
+    """The task's metrics of ``model`` on ``data``: accuracy, macro_f1 and loss (classify, generate-label) or
+    loss and perplexity (instruct).  The task is the one that encoded ``data``."""
+    return task_of(data).evaluate(model, data, batch_size, pad_id, num_labels=num_labels)

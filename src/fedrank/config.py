@@ -56,13 +56,22 @@ class DataConfig:
     test_fraction: float = _opt(0.2, "share of articles (or examples) held out as the test split", min=0.01, max=0.9)
     max_train_examples: int = _opt(0, "subsample the training split to this many examples (0 = all)", min=0)
     test_split: str = _opt("test", "Hugging Face datasets: name of the test split (falls back to a random split)")
+    prompt_template: str = _opt("Text: {text}\nLabel:", "generate-label: the prompt; `{text}` is replaced by the "
+                                "example's text and the answer is ` <label word>`")
+    label_words: list[str] = _opt([], "generate-label: the answer word of each label in label order (default: the "
+                                  "label names)")
+    prompt_field: str = _opt("prompt", "instruct: JSONL field holding the user prompt")
+    response_field: str = _opt("response", "instruct: JSONL field holding the reference response")
 
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("minilm", "minilm (packaged MiniLM-L6), or a local folder / hub id")
-    target_modules: list[str] = _opt(["query", "value"], "module names that get LoRA adapters")
-    head_modules: list[str] = _opt(["classifier"], "modules trained in full and FedAvg-ed by every method (the task head)")
+    name: str = _opt("minilm", "minilm (packaged MiniLM-L6), smollm2 (packaged SmolLM2-135M-Instruct, dequantised "
+                     "4-bit, cached under $FEDRANK_CACHE or ~/.cache/fedrank), or a local folder / hub id")
+    target_modules: list[str] = _opt([], "module names that get LoRA adapters ([] = the task's default: query, value "
+                                     "for classify; q_proj, v_proj for causal LM tasks)")
+    head_modules: list[str] = _opt([], "modules trained in full and FedAvg-ed by every method ([] = the task's "
+                                   "default: classifier for classify; none for causal LM tasks)")
     scale: float = _opt(2.0, "LoRA scaling s shared by all clients: ΔW = s·B·A", min=0.0)
     scaling: str = _opt("shared", "shared (alpha = s·r) | alpha_over_r (alpha = s·R_max) | rslora (alpha = s·√r)",
                         choices=("shared", "alpha_over_r", "rslora"))
@@ -93,11 +102,30 @@ class EvalConfig:
 
 
 @dataclass
+class ServerConfig:
+    max_update_norm: float = _opt(0.0, "bound on the L2 norm of each uploaded update (0 = off)", min=0.0)
+    norm_action: str = _opt("clip", "what happens above the bound: clip (scale down) | reject",
+                            choices=("clip", "reject"))
+
+
+@dataclass
+class FaultsConfig:
+    drop_fraction: float = _opt(0.0, "local runtime: chance a sampled client never replies (seeded)", min=0.0, max=1.0)
+    fail_fraction: float = _opt(0.0, "local runtime: chance a client crashes during training (seeded)", min=0.0, max=1.0)
+    corrupt_fraction: float = _opt(0.0, "local runtime: chance a client sends non-finite values (seeded)",
+                                   min=0.0, max=1.0)
+
+
+@dataclass
 class Config:
     method: str = _opt("replication", "fedit | zeropad | hetlora | replication | flora | flexlora | fedplora | ffa")
+    task: str = _opt("classify", "classify (encoder + classifier head) | generate-label (causal LM answers the label "
+                     "word) | instruct (causal LM on prompt/response JSONL)",
+                     choices=("classify", "generate-label", "instruct"))
     seed: int = _opt(0, "seed of everything: partitions, ranks, sampling, init, training")
     rounds: int = _opt(10, "federated rounds", min=1)
-    runtime: str = _opt("local", "local (in-process)")
+    runtime: str = _opt("local", "local (in-process) | flower (Flower simulation engine)")
+    runtime_timeout_s: float = _opt(600.0, "flower runtime: seconds a round waits for replies before closing", min=1.0)
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)", min=0)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     ranks: RanksConfig = field(default_factory=RanksConfig)
@@ -105,6 +133,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -9,12 +9,13 @@ import torch
 from transformers import PreTrainedModel
 
 from fedrank.adapters import AdaptedModel
-from fedrank.client import ClientData, Encoded, FedClient, encode
+from fedrank.client import ClientData, Encoded, FedClient
 from fedrank.config import Config
-from fedrank.data import Splits, load_splits, local_split, partition
+from fedrank.data import Splits, local_split, partition
 from fedrank.methods import Method, get_method
-from fedrank.models import LoadedModel, load_classifier
+from fedrank.models import LoadedModel
 from fedrank.ranks import RankPolicy, make_rank_policy
+from fedrank.tasks import LearningTask, make_task
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Experiment:
     sizes: list[int]  # training examples per client
     test: Encoded  # the whole test split
     test_round: Encoded  # the seeded subset evaluated after every round
+    task: LearningTask
 
     @property
     def num_labels(self) -> int:
@@ -36,7 +38,7 @@ class Experiment:
 
     def fresh_base(self) -> PreTrainedModel:
         """A new copy of the base model (as loaded for this run, before any LoRA)."""
-        return load_classifier(self.cfg.model.name, self.num_labels, self.cfg.seed).model
+        return self.task.load_model(self.splits.train.label_names).model
 
 
 def eval_subset(test: Encoded, max_examples: int, seed: int) -> Encoded:
@@ -50,24 +52,24 @@ def build(cfg: Config) -> Experiment:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     method_cls = get_method(cfg.method)
-    splits = load_splits(cfg.data, cfg.seed)
+    task = make_task(cfg)
+    splits = task.load_data()
     shards = partition(splits.train.labels, cfg.clients.count, cfg.data, cfg.seed)
     num_labels = len(splits.train.label_names)
-    loaded = load_classifier(cfg.model.name, num_labels, cfg.seed)
+    loaded = task.load_model(splits.train.label_names)
     tok = loaded.tokenizer
-    train = encode(tok, splits.train.texts, splits.train.labels, cfg.train.max_length)
-    test = encode(tok, splits.test.texts, splits.test.labels, cfg.train.max_length)
+    train, test = task.encode(splits.train), task.encode(splits.test)
     data = {}
     for c, shard in enumerate(shards):
         tr, va = local_split(shard, cfg.clients.val_fraction, cfg.seed, c)
         data[c] = ClientData(train.subset(tr), train.subset(va))
-    model = AdaptedModel(loaded.model, cfg.model.target_modules, cfg.model.head_modules, cfg.model.scale,
-                         cfg.model.scaling, cfg.model.dropout, max(cfg.ranks.values, default=1))
+    model = AdaptedModel(loaded.model, task.target_modules, task.head_modules, cfg.model.scale,
+                         cfg.model.scaling, cfg.model.dropout, max(cfg.ranks.values, default=1), task.peft_task_type)
     slot_cost = sum(m + n for m, n in model.shapes.values())
     policy = make_rank_policy(cfg.ranks, cfg.clients.count, cfg.seed, slot_cost)
     method = method_cls(model.shapes, policy.global_rank, cfg.seed)
     method.check_tiers(policy.tiers)
-    client = FedClient(method, model, cfg.train, data, num_labels, tok.pad_token_id, cfg.seed)
+    client = FedClient(method, model, cfg.train, data, num_labels, tok.pad_token_id, cfg.seed, task)
     sizes = [len(data[c].train) for c in range(cfg.clients.count)]
     return Experiment(cfg, splits, loaded, model, method, policy, client, sizes, test,
-                      eval_subset(test, cfg.eval.max_examples, cfg.seed))
+                      eval_subset(test, cfg.eval.max_examples, cfg.seed), task)

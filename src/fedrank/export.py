@@ -6,17 +6,17 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from fedrank.client import encode, evaluate
 from fedrank.config import Config
-from fedrank.data import load_splits
-from fedrank.models import load_classifier
+from fedrank.tasks import make_task
 
 
 def evaluate_exported(cfg: Config, adapter: Path) -> dict[str, float]:
     """``PeftModel.from_pretrained(base, adapter)`` on the run's test split (the same split for the same seed)."""
-    splits = load_splits(cfg.data, cfg.seed)
-    loaded = load_classifier(cfg.model.name, len(splits.test.label_names), cfg.seed)
+    task = make_task(cfg)
+    splits = task.load_data()
+    loaded = task.load_model(splits.test.label_names)
     model = PeftModel.from_pretrained(loaded.model, str(adapter)).eval()
-    test = encode(loaded.tokenizer, splits.test.texts, splits.test.labels, cfg.train.max_length)
-    metrics = evaluate(model, test, len(splits.test.label_names), cfg.eval.batch_size, loaded.tokenizer.pad_token_id)
+    test = task.encode(splits.test)
+    metrics = task.evaluate(model, test, cfg.eval.batch_size, loaded.tokenizer.pad_token_id,
+                            num_labels=len(splits.test.label_names))
     return {**metrics, "examples": len(test)}

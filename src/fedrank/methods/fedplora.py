@@ -43,6 +43,14 @@ class FedPLoRA(Method):
     def upload(self, start: LocalStart, trained: Factors, task: Task) -> Tensors:
         return {**pack(trained), "slots": self.select(task)}
 
+    def upload_spec(self, task: Task) -> dict[str, tuple[int, ...]]:
+        return {**super().upload_spec(task), "slots": (task.rank,)}
+
+    def check_upload(self, tensors: Tensors, task: Task) -> str | None:
+        if not torch.equal(tensors["slots"].long(), self.select(task)):
+            return "slots differ from the modules this client was to train this round"
+        return None
+
     def aggregate(self, state: Tensors, replies: Sequence[Reply]) -> Tensors:
         prev = unpack(state)
         slots = [r.tensors["slots"].tolist() for r in replies]

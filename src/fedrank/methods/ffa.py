@@ -32,6 +32,9 @@ class FFALoRA(Method):
     def upload(self, start: LocalStart, trained: Factors, task: Task) -> Tensors:
         return {f"{layer}#B": B for layer, (_, B) in trained.items()}
 
+    def upload_spec(self, task: Task) -> dict[str, tuple[int, ...]]:
+        return {f"{layer}#B": (m, task.rank) for layer, (m, _) in self.shapes.items()}
+
     def aggregate(self, state: Tensors, replies: Sequence[Reply]) -> Tensors:
         fixed = unpack(state)
 

@@ -18,3 +18,6 @@ class Runtime(Protocol):
 
     def validate(self, factors: Factors, head: Tensors, clients: Sequence[int]) -> dict[int, float]:
         """Each client's accuracy of the given global model on its local validation split."""
+
+    def close(self) -> None:
+        """Release what the runtime started (processes, engines); a no-op where there is nothing."""

@@ -45,7 +45,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from queue import Empty, Queue
+from queue import Queue
 from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -291,7 +291,6 @@ server_app = ServerApp()
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
     """Build the experiment from the run config (``config``: fedrank TOML path, ``out``: run folder) and run it."""
-    from fedrank.checkpoint import atomic_write  # noqa: F401  (import check: fedrank is installed)
     from fedrank.config import save_config
     from fedrank.experiment import build
     from fedrank.server import RunFiles, Server
@@ -302,7 +301,7 @@ def _main(grid: Grid, context: Context) -> None:
         raise ConfigError("flower: pass the run folder: flwr run ... --run-config 'out=\"/abs/run\"'")
     overrides = [s for s in str(rc.get("set", "")).split(";") if s.strip()]
     cfg = load_config(path or None, overrides)
-    timeout = float(rc["timeout-s"]) if float(rc.get("timeout-s", 0) or 0) > 0 else None
+    timeout = float(rc["timeout-s"]) if float(rc.get("timeout-s", 0) or 0) > 0 else cfg.runtime_timeout_s
     files = RunFiles(Path(out))
     files.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, files.config)
@@ -372,7 +371,8 @@ class SimulationRuntime:
         atexit.register(self.close)
         grid = grids.get()
         if grid is None:
-            raise RuntimeError(f"flower simulation did not start: {self._errors.get_nowait() if not self._errors.empty() else 'unknown error'}")
+            cause = self._errors.get_nowait() if not self._errors.empty() else "unknown error"
+            raise RuntimeError(f"flower simulation did not start: {cause}")
         self.inner = FlowerRuntime(grid, self.cfg, self.timeout_s)
         return self.inner
 

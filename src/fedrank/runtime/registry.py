@@ -10,7 +10,7 @@ from fedrank.runtime import Runtime
 from fedrank.runtime.local import LocalRuntime
 
 RUNTIMES: dict[str, Callable[[Experiment], Runtime]] = {
-    "local": lambda exp: LocalRuntime(exp.client),
+    "local": lambda exp: LocalRuntime(exp.client, exp.cfg.faults, exp.cfg.seed),
     "flower": lambda exp: _flower(exp),
 }
 
@@ -18,7 +18,7 @@ RUNTIMES: dict[str, Callable[[Experiment], Runtime]] = {
 def _flower(exp: Experiment) -> Runtime:
     from fedrank.runtime.flower import SimulationRuntime  # imports flwr only when asked for
 
-    return SimulationRuntime(exp)
+    return SimulationRuntime(exp, timeout_s=exp.cfg.runtime_timeout_s)
 
 
 def make_runtime(name: str, exp: Experiment) -> Runtime:

@@ -1,0 +1,132 @@
+"""Federation overhead and local-training throughput (prints figures; no pass/fail).
+
+1. Overhead: wall time of a federated run vs the same optimizer steps on the same batches in a
+   bare PyTorch loop (same model, adapter rank, optimizer), as a ratio; with and without the
+   per-round evaluation.
+2. Throughput: fedrank's local training loop vs Hugging Face ``Trainer`` + PEFT on the same model,
+   batch size and steps (steps/s ratio), and achieved FLOP/s vs this machine's measured fp32
+   matmul FLOP/s.  FLOPs per step are estimated as ``4 · N_frozen · tokens`` (forward plus the
+   input-gradient half of backward; frozen weights get no weight gradient) plus ``6 · N_trainable · tokens``.
+
+    python benchmarks/federation.py [--rounds 3] [--steps 10] [--per-round 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedrank.cli import execute
+from fedrank.client import batch_order, classification_loss, collate
+from fedrank.config import load_config
+from fedrank.experiment import build
+from fedrank.methods import Task
+from fedrank.methods.base import task_generator
+from fedrank.server import sample_clients
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def bare_loop(exp, tasks: list[Task]) -> tuple[float, int]:
+    """The same steps on the same batches, with no federation around them; returns (seconds, tokens)."""
+    cfg, model = exp.cfg, exp.model
+    tokens = 0
+    start = time.perf_counter()
+    for task in tasks:
+        model.use_rank(task.rank)
+        lora, head = model.trainable()
+        opt = torch.optim.AdamW([{"params": lora, "lr": cfg.train.lr}, {"params": head, "lr": cfg.train.head_lr}])
+        data = exp.client.data[task.client].train
+        order = batch_order(len(data), cfg.train.batch_size, task_generator(cfg.seed, task, "batches"))
+        model.peft.train()
+        for _ in range(cfg.train.local_steps):
+            batch = collate(data, next(order), exp.loaded.tokenizer.pad_token_id)
+            tokens += int(batch["attention_mask"].sum())
+            loss, _ = classification_loss(model.peft, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, tokens
+
+
+def trainer_steps_per_s(exp, client: int, steps: int, rank: int) -> float:
+    """Hugging Face Trainer + PEFT on the same model, client data, batch size and steps."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from fedrank.adapters import lora_config
+
+    cfg = exp.cfg
+    data = exp.client.data[client].train
+    ds = Dataset.from_dict({"input_ids": data.ids, "labels": data.labels})
+    model = get_peft_model(exp.fresh_base(), lora_config(rank, cfg.model.scale, cfg.model.target_modules, 0.0,
+                                                        modules_to_save=cfg.model.head_modules))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.train.batch_size, max_steps=steps,
+                                 learning_rate=cfg.train.lr, report_to=[], logging_strategy="no", save_strategy="no",
+                                 disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, seed=cfg.seed)
+        trainer = Trainer(model=model, args=args, train_dataset=ds,
+                          data_collator=DataCollatorWithPadding(exp.loaded.tokenizer))
+        start = time.perf_counter()
+        trainer.train()
+        return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="local steps per client per round")
+    parser.add_argument("--per-round", type=int, default=2)
+    args = parser.parse_args()
+    overrides = [f"rounds={args.rounds}", f"train.local_steps={args.steps}", f"clients.per_round={args.per_round}",
+                 "ranks.values=[8]", "eval.final_full=false"]
+    cfg = load_config(None, overrides)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        execute(cfg, Path(tmp) / "run")
+        federated = time.perf_counter() - start
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_and_aggregate = sum(r["train_s"] + r["aggregate_s"] for r in rows)
+
+    exp = build(cfg)
+    tasks = [Task(c, 8, rnd) for rnd in range(1, cfg.rounds + 1)
+             for c in sample_clients(cfg.seed, rnd, cfg.clients.count, cfg.clients.per_round)]
+    bare, tokens = bare_loop(exp, tasks)
+    steps = len(tasks) * cfg.train.local_steps
+    print(f"1. federation overhead ({steps} optimizer steps, batch {cfg.train.batch_size}, rank 8, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"   bare PyTorch loop                 {bare:8.1f} s")
+    print(f"   federated, train + aggregate      {train_and_aggregate:8.1f} s   ratio {train_and_aggregate / bare:.3f}")
+    print(f"   federated, whole run (incl. eval,  {federated:8.1f} s   ratio {federated / bare:.3f}")
+    print("   model load, checkpoints, export)")
+
+    ours = steps / bare
+    theirs = trainer_steps_per_s(exp, tasks[0].client, steps, 8)
+    frozen = sum(p.numel() for p in exp.model.peft.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in exp.model.peft.parameters() if p.requires_grad)
+    flops_per_token = 4 * frozen + 6 * trainable
+    achieved = flops_per_token * tokens / bare
+    peak = matmul_flops()
+    print("2. local-training throughput")
+    print(f"   fedrank loop                      {ours:8.2f} steps/s")
+    print(f"   HF Trainer + PEFT                 {theirs:8.2f} steps/s   fedrank/Trainer {ours / theirs:.2f}")
+    print(f"   achieved {achieved / 1e9:.1f} GFLOP/s vs measured fp32 matmul {peak / 1e9:.1f} GFLOP/s "
+          f"({100 * achieved / peak:.0f}%; {tokens / steps:.0f} tokens/step)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Tables and plots from finished runs: ``report.md`` with accuracy, communication and time per method."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedrank.config import Config, ConfigError, load_config  # noqa: E402
+
+MB = 1e6
+
+
+@dataclass
+class RunRecord:
+    """One finished run: its config, per-round metrics and summary."""
+
+    path: Path
+    cfg: Config
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        """The method, with the rank when every client has the same one (``fedit@5``)."""
+        values = self.cfg.ranks.values
+        if self.cfg.ranks.policy == "fixed" and len(set(values)) == 1:
+            return f"{self.cfg.method}@{values[0]}"
+        return self.cfg.method
+
+
+def load_run(path: Path) -> RunRecord:
+    files = [path / "config.toml", path / "metrics.jsonl", path / "summary.json"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"{path} is not a finished fedrank run (missing {', '.join(missing)}): "
+                          f"finish it with `fedrank run --resume {path}`")
+    rows = [json.loads(line) for line in files[1].read_text().splitlines() if line.strip()]
+    return RunRecord(path, load_config(files[0]), rows, json.loads(files[2].read_text()))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def rounds_to(rows: list[dict[str, Any]], target: float) -> int | None:
+    """The first round whose global accuracy reaches ``target``."""
+    return next((r["round"] for r in rows if r.get("accuracy", 0.0) >= target), None)
+
+
+def group(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    out: dict[str, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        out[run.label].append(run)
+    return dict(out)
+
+
+def table(runs: list[RunRecord], target: float) -> list[dict[str, Any]]:
+    """One row per method label, mean ± std over seeds."""
+    rows = []
+    for label, group_runs in group(runs).items():
+        final = _mean_std([r.summary["final_accuracy"] for r in group_runs])
+        best = _mean_std([max(row["accuracy"] for row in r.rows) for r in group_runs])
+        reached = [rounds_to(r.rows, target) for r in group_runs]
+        hit = [x for x in reached if x is not None]
+        rows.append({
+            "method": label,
+            "seeds": len(group_runs),
+            "final": final,
+            "best": best,
+            "rounds_to_target": (statistics.fmean(hit) if hit else None, f"{len(hit)}/{len(reached)}"),
+            "upload_mb": statistics.fmean(r.summary["upload_bytes"] / MB for r in group_runs),
+            "download_mb": statistics.fmean(r.summary["download_bytes"] / MB for r in group_runs),
+            "wall_s": statistics.fmean(r.summary["wall_s"] for r in group_runs),
+        })
+    return rows
+
+
+def _fmt(pair: tuple[float, float]) -> str:
+    return f"{pair[0]:.4f} ± {pair[1]:.4f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], target: float) -> str:
+    head = (f"| method | seeds | final accuracy | best accuracy | rounds to {target:.2f} (runs reaching it) | "
+            "upload MB | download MB | wall s |\n|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows:
+        mean_rounds, share = r["rounds_to_target"]
+        reach = f"{mean_rounds:.1f} ({share})" if mean_rounds is not None else f"— ({share})"
+        body += (f"| {r['method']} | {r['seeds']} | {_fmt(r['final'])} | {_fmt(r['best'])} | {reach} | "
+                 f"{r['upload_mb']:.2f} | {r['download_mb']:.2f} | {r['wall_s']:.0f} |\n")
+    return head + body
+
+
+def _series(group_runs: list[RunRecord], key: str) -> tuple[list[int], list[float]]:
+    rounds = sorted({row["round"] for r in group_runs for row in r.rows})
+    means = [statistics.fmean(row[key] for r in group_runs for row in r.rows if row["round"] == k and key in row)
+             for k in rounds]
+    return rounds, means
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_round(runs: list[RunRecord], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, group_runs in group(runs).items():
+        ax.plot(*_series(group_runs, "accuracy"), marker="o", ms=3, label=label)
+    ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)", title="Global model accuracy per round")
+    _save(fig, ax, path)
+
+
+def plot_accuracy_vs_mb(runs: list[RunRecord], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, group_runs in group(runs).items():
+        _, acc = _series(group_runs, "accuracy")
+        _, up = _series(group_runs, "cum_upload_bytes")
+        _, down = _series(group_runs, "cum_download_bytes")
+        ax.plot([(u + d) / MB for u, d in zip(up, down)], acc, marker="o", ms=3, label=label)
+    ax.set(xlabel="cumulative MB communicated (up + down)", ylabel="test accuracy",
+           title="Accuracy against communication")
+    ax.set_xscale("log")
+    _save(fig, ax, path)
+
+
+def plot_tiers(runs: list[RunRecord], path: Path) -> bool:
+    """Final accuracy of the global model truncated to each rank tier; False when no run has tiers."""
+    bars = {label: {k: statistics.fmean(r.summary["final_tiers"].get(k, float("nan")) for r in g)
+                    for k in g[0].summary.get("final_tiers", {})}
+            for label, g in group(runs).items()}
+    bars = {label: tiers for label, tiers in bars.items() if tiers}
+    if not bars:
+        return False
+    tiers = sorted({k for t in bars.values() for k in t}, key=lambda k: int(k.removeprefix("accuracy_r")))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / len(tiers)
+    for i, tier in enumerate(tiers):
+        ax.bar([j + i * width for j in range(len(bars))], [t.get(tier, 0.0) for t in bars.values()], width,
+               label=f"truncated to rank {tier.removeprefix('accuracy_r')}")
+    ax.set_xticks([j + width * (len(tiers) - 1) / 2 for j in range(len(bars))], list(bars), rotation=20)
+    ax.set(ylabel="final test accuracy", title="Global model truncated to each rank tier")
+    _save(fig, ax, path)
+    return True
+
+
+def write_report(runs: list[RunRecord], out: Path, target: float, title: str = "fedrank comparison",
+                 notes: str = "", appendix: str = "") -> Path:
+    """``out/report.md`` plus the PNG plots beside it."""
+    if not runs:
+        raise ConfigError("no finished runs to report on: pass run folders that hold summary.json")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_accuracy_vs_round(runs, out / "accuracy_vs_round.png")
+    plot_accuracy_vs_mb(runs, out / "accuracy_vs_mb.png")
+    has_tiers = plot_tiers(runs, out / "accuracy_by_tier.png")
+    first = runs[0]
+    text = [f"# {title}\n", notes,
+            f"Model `{first.cfg.model.name}`, data `{first.cfg.data.dataset}` ({first.cfg.data.partition} split), "
+            f"{first.cfg.clients.count} clients, {first.cfg.clients.per_round} per round, {first.cfg.rounds} rounds, "
+            f"rank policy `{first.cfg.ranks.policy}` {first.cfg.ranks.values}. Final accuracy is on the whole test "
+            "split; best accuracy is the best per-round evaluation (the seeded test subset of `eval.max_examples`).\n",
+            markdown_table(table(runs, target), target),
+            "\n![accuracy vs round](accuracy_vs_round.png)\n\n![accuracy vs MB](accuracy_vs_mb.png)\n"]
+    if has_tiers:
+        text.append("\n![accuracy by rank tier](accuracy_by_tier.png)\n")
+    text.append(appendix)
+    path = out / "report.md"
+    path.write_text("\n".join(t for t in text if t))
+    return path

@@ -1,0 +1,78 @@
+"""`fedrank compare` and `fedrank report` on tiny runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedrank.cli import app
+from fedrank.compare import method_overrides
+from fedrank.config import ConfigError
+from fedrank.report import rounds_to
+
+from test_run import TINY
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [x for o in overrides for x in ("--set", o)]
+
+
+def test_compare_runs_every_method_and_seed_once_then_reports(tmp_path: Path) -> None:
+    args = ["compare", "--methods", "fedit@4,replication", "--seeds", "0,1", "--out", str(tmp_path),
+            "--target", "0.3", *_sets(TINY)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["fedit@4-seed0", "fedit@4-seed1", "replication-seed0", "replication-seed1"]
+    # same partitions and sampling: the same clients are sampled by both methods for a seed
+    rows = {r: [json.loads(x) for x in (tmp_path / "runs" / r / "metrics.jsonl").read_text().splitlines()]
+            for r in runs}
+    assert [x["clients"] for x in rows["fedit@4-seed0"]] == [x["clients"] for x in rows["replication-seed0"]]
+    report = (tmp_path / "report.md").read_text()
+    assert "| fedit@4 | 2 |" in report and "| replication | 2 |" in report
+    for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "accuracy_by_tier.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    stamps = {r: (tmp_path / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
+    again = CliRunner().invoke(app, args)  # resumable: finished runs are not redone
+    assert again.exit_code == 0, again.output
+    assert stamps == {r: (tmp_path / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
+    rendered = CliRunner().invoke(app, ["report", *[str(tmp_path / "runs" / r) for r in runs],
+                                        "--out", str(tmp_path / "again"), "--target", "0.3"])
+    assert rendered.exit_code == 0, rendered.output
+    assert (tmp_path / "again" / "report.md").read_text().count("| replication | 2 |") == 1
+
+
+def test_method_variants() -> None:
+    assert method_overrides("fedit@5") == ["method=fedit", "ranks.policy=fixed", "ranks.values=[5]",
+                                           "ranks.fractions=[]"]
+    assert method_overrides("flora") == ["method=flora"]
+    with pytest.raises(ConfigError, match="not a method"):
+        method_overrides("fedavg")
+
+
+def test_rounds_to_target() -> None:
+    rows = [{"round": 1, "accuracy": 0.5}, {"round": 2, "accuracy": 0.81}, {"round": 3, "accuracy": 0.7}]
+    assert rounds_to(rows, 0.8) == 2 and rounds_to(rows, 0.9) is None
+
+
+def test_report_on_unfinished_run_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a finished fedrank run" in result.output
+
+
+def test_round_one_diagnostic_reports_both_padding_methods(tmp_path: Path) -> None:
+    from fedrank.config import load_config
+    from fedrank.diagnose import markdown, padding_diagnostic
+
+    results = padding_diagnostic(load_config(None, TINY))
+    assert [r["method"] for r in results] == ["zeropad", "replication"]
+    for r in results:
+        assert r["rank"] == max(r["ranks"]) == 8
+        for key in ("own_local_accuracy", "received_local_accuracy", "own_test_accuracy", "received_test_accuracy"):
+            assert 0.0 <= r[key] <= 1.0
+    # the same client trained the same way under both methods: its own model is identical
+    assert results[0]["own_test_accuracy"] == results[1]["own_test_accuracy"]
+    assert "| zeropad |" in markdown(results) and "| replication |" in markdown(results)
