@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from fedrank.cli import execute
-from fedrank.client import batch_order, classification_loss, collate
+from fedrank.client import batch_order
+from fedrank.tasks import collate
 from fedrank.config import load_config
 from fedrank.experiment import build
 from fedrank.methods import Task
@@ -54,7 +55,7 @@ def bare_loop(exp, tasks: list[Task]) -> tuple[float, int]:
         for _ in range(cfg.train.local_steps):
             batch = collate(data, next(order), exp.loaded.tokenizer.pad_token_id)
             tokens += int(batch["attention_mask"].sum())
-            loss, _ = classification_loss(model.peft, batch)
+            loss = exp.client.task.loss(model.peft, batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ TINY = [
     "rounds=2", "clients.count=4", "clients.per_round=3", "train.local_steps=2", "train.batch_size=4",
     "train.max_length=32", "ranks.values=[2,4,2,8]", "ranks.fractions=[]", "eval.max_examples=32", "eval.final_full=false",
     "data.max_train_examples=120", "data.partition=iid",
+    "threads=1",  # bit-identical results across processes need the same torch thread count
 ]
 REQUIRED = {"round", "accuracy", "macro_f1", "loss", "upload_bytes", "download_bytes", "wall_s"}
 

@@ -11,7 +11,7 @@ import pytest
 from fedrank.methods import METHODS, Task
 from fedrank.validation import check_reply
 
-from test_methods import SHAPES, R, make, train_stub
+from test_methods import R, make, train_stub
 
 HEAD = {"classifier.weight": torch.zeros(3, 4), "classifier.bias": torch.zeros(3)}
 

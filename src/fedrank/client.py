@@ -7,13 +7,11 @@ a reply carries the method's upload plus the trained head under ``head/``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
-from transformers import PreTrainedTokenizerBase
 
 from fedrank.adapters import AdaptedModel
 from fedrank.config import TrainConfig
@@ -22,12 +20,6 @@ from fedrank.methods.base import Factors, task_generator
 from fedrank.tasks import Classify, Encoded, LearningTask, collate, task_of
 
 HEAD = "head/"
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int], max_length: int) -> Encoded:
-    """Classification encoding (kept for callers that predate tasks; tasks encode with ``LearningTask.encode``)."""
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    return Encoded(ids, list(labels))
 
 
 def split_head(tensors: Tensors) -> tuple[Tensors, dict[str, Tensor]]:
@@ -64,12 +56,6 @@ def batch_order(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[
         perm = torch.randperm(n, generator=gen).tolist()
         for start in range(0, n, batch_size):
             yield perm[start : start + batch_size]
-
-
-def classification_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy and the logits (the classify task's loss)."""
-    logits = Classify().logits(model, batch)
-    return F.cross_entropy(logits, batch["labels"]), logits
 
 
 @dataclass

@@ -37,12 +37,12 @@ def method_overrides(spec: str) -> list[str]:
 
 
 def plan(config: Path | None, methods: list[str], seeds: list[int], overrides: list[str], out: Path) -> list[PlannedRun]:
-    """One run per (method, seed); identical configs apart from the method (and rank for ``@R`` variants)."""
+    """One run per (seed, method); identical configs apart from the method (and rank for ``@R`` variants)."""
     if not methods or not seeds:
         raise ConfigError("give at least one method (--methods a,b) and one seed (--seeds 0,1)")
     runs = []
-    for spec in methods:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: every method has a result as early as possible
+        for spec in methods:
             cfg = load_config(config, overrides + method_overrides(spec) + [f"seed={seed}"])
             folder = out / "runs" / f"{spec.strip()}-seed{seed}"
             saved = folder / "config.toml"

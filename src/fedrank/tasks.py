@@ -29,7 +29,6 @@ import torch
 from peft import PeftModel
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import PreTrainedTokenizerBase
 
 from fedrank.config import ConfigError
 from fedrank.data import Splits, TextDataset, load_splits
