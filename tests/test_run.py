@@ -149,6 +149,10 @@ def test_exported_adapter_reproduces_the_reported_accuracy(tmp_path: Path) -> No
     (["run", "--set", "method=fedit", "--set", "ranks.values=[4,16]", "--set", "clients.count=2",
       "--set", "clients.per_round=1", "--set", "data.max_train_examples=50"], "same rank"),
     (["run", "no/such.toml"], "not found"),
+    (["run", "--set", "data.dataset=no/such.jsonl"], "data file no/such.jsonl not found"),
+    (["run", "--set", "data.max_train_examples=3"], "3 examples cannot fill 20 clients"),
+    (["run", "--set", "ranks.fractions=[0.5,0.6]"], "must sum to 1"),
+    (["run", "--set", "train.lr_schedule=cos"], "did you mean `cosine`"),
     (["run", "--resume", "no/such/run"], "holds no fedrank run"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
@@ -156,6 +160,13 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_pat
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_malformed_data_line_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b"\n')
+    result = CliRunner().invoke(app, ["run", "--set", f'data.dataset="{bad}"', "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "line 2 is not valid JSON" in result.output
 
 
 def test_resume_refuses_to_change_anything_but_rounds(tmp_path: Path) -> None:
