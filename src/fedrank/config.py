@@ -80,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    local_steps: int = _opt(10, "optimizer steps per client per round (ignored when local_epochs > 0)", min=1)
+    local_steps: int = _opt(9, "optimizer steps per client per round (ignored when local_epochs > 0)", min=1)
     local_epochs: float = _opt(0.0, "local epochs over the client's shard instead of local_steps (0 = use steps)", min=0.0)
     batch_size: int = _opt(16, "local batch size", min=1)
     max_length: int = _opt(64, "maximum tokens per example (batches are padded dynamically)", min=8)
@@ -95,7 +95,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_examples: int = _opt(400, "test examples evaluated after each round (seeded subset; 0 = all)", min=0)
+    max_examples: int = _opt(200, "test examples evaluated after each round (seeded subset; 0 = all)", min=0)
     final_full: bool = _opt(True, "evaluate the final global model on the whole test split")
     batch_size: int = _opt(64, "evaluation batch size", min=1)
     tiers: bool = _opt(True, "also evaluate the global model truncated to each rank tier (padding methods)")
