@@ -73,8 +73,8 @@ def trainer_steps_per_s(exp, client: int, steps: int, rank: int) -> float:
     cfg = exp.cfg
     data = exp.client.data[client].train
     ds = Dataset.from_dict({"input_ids": data.ids, "labels": data.labels})
-    model = get_peft_model(exp.fresh_base(), lora_config(rank, cfg.model.scale, cfg.model.target_modules, 0.0,
-                                                        modules_to_save=cfg.model.head_modules))
+    model = get_peft_model(exp.fresh_base(), lora_config(rank, cfg.model.scale, exp.model.target_modules, 0.0,
+                                                        modules_to_save=exp.model.head_modules))
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.train.batch_size, max_steps=steps,
                                  learning_rate=cfg.train.lr, report_to=[], logging_strategy="no", save_strategy="no",

@@ -81,6 +81,11 @@ class AdaptedModel:
         self._folded = False
         self.rank = 1
 
+    @property
+    def head_modules(self) -> list[str]:
+        """The modules whose parameters form the trained head (e.g. ``["classifier"]``)."""
+        return sorted({n.rsplit(".", 1)[0] for n in self.head_names})
+
     def _config(self, rank: int) -> LoraConfig:
         return lora_config(rank, self.scale, self.target_modules, self.dropout, self.scaling, self.global_rank)
 
@@ -174,10 +179,9 @@ class AdaptedModel:
         CAUSAL_LM).  Load it with ``PeftModel.from_pretrained(base, folder)``.
         """
         rank = max(1, max(A.shape[0] for A, _ in factors.values()))
-        head_modules = sorted({n.rsplit(".", 1)[0] for n in self.head_names})
         extra = {"task_type": self.task_type} if self.task_type else {}
         config = lora_config(rank, self.scale, self.target_modules, 0.0, "shared",
-                             modules_to_save=head_modules or None, **extra)
+                             modules_to_save=self.head_modules or None, **extra)
         peft = get_peft_model(fresh_base(), config)
         params = dict(peft.named_parameters())
         with torch.no_grad():

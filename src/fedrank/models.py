@@ -90,39 +90,18 @@ def resolve(name: str) -> str:
     return PACKAGED[name]() if name in PACKAGED else name
 
 
-def load_classifier(name: str, num_labels: int, seed: int) -> LoadedModel:
-    """A sequence classifier with a freshly initialised head, identical for the same seed."""
+def _load(auto_class: type, name: str, seed: int, what: str, packaged: str, **kwargs) -> LoadedModel:
+    """Load model + tokenizer (seeded, so freshly initialised parts are identical); make sure a pad token exists."""
     source = resolve(name)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        model = auto_class.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise ConfigError(
-            f"cannot load model `{name}` ({str(err).splitlines()[0]}): use `minilm`, a local model folder, "
-            "or a hub id with network access"
-        ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-    return LoadedModel(model, tokenizer, source)
-
-
-def load_causal_lm(name: str, seed: int) -> LoadedModel:
-    """A causal language model in fp32 (``smollm2``, a local folder or a hub id) with a pad token."""
-    source = resolve(name)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as err:
-        raise ConfigError(
-            f"cannot load causal LM `{name}` ({str(err).splitlines()[0]}): use `smollm2`, a local model folder, "
+            f"cannot load {what} `{name}` ({str(err).splitlines()[0]}): use `{packaged}`, a local model folder, "
             "or a hub id with network access"
         ) from None
     if tokenizer.pad_token is None:
@@ -130,3 +109,13 @@ def load_causal_lm(name: str, seed: int) -> LoadedModel:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return LoadedModel(model, tokenizer, source)
+
+
+def load_classifier(name: str, num_labels: int, seed: int) -> LoadedModel:
+    """A sequence classifier with a freshly initialised head, identical for the same seed."""
+    return _load(AutoModelForSequenceClassification, name, seed, "model", "minilm", num_labels=num_labels)
+
+
+def load_causal_lm(name: str, seed: int) -> LoadedModel:
+    """A causal language model in fp32 (``smollm2``, a local folder or a hub id) with a pad token."""
+    return _load(AutoModelForCausalLM, name, seed, "causal LM", "smollm2", dtype=torch.float32)

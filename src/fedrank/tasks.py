@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -100,6 +100,20 @@ def classification_metrics(confusion: Tensor, loss_sum: float, n: int) -> dict[s
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "loss": loss_sum / max(1, n),
     }
+
+
+def score_classes(scores: Callable[[dict[str, Tensor]], Tensor], data: Encoded, batch_size: int, pad_id: int,
+                  k: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and cross-entropy of per-class ``scores(batch)`` (logits) over ``data``."""
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    loss_sum = 0.0
+    for indices in length_sorted_batches(data, batch_size):
+        batch = collate(data, indices, pad_id)
+        logits = scores(batch)
+        loss_sum += F.cross_entropy(logits, batch["labels"]).item() * len(indices)
+        pred = logits.argmax(-1)
+        confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
+    return classification_metrics(confusion, loss_sum, len(data))
 
 
 # --------------------------------------------------------------------------- causal LM pieces
@@ -211,15 +225,7 @@ class Classify(LearningTask):
     def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
                  num_labels: int | None = None) -> dict[str, float]:
         k = num_labels or getattr(self, "num_labels", None) or max(data.labels, default=0) + 1
-        confusion = torch.zeros(k, k, dtype=torch.long)
-        loss_sum = 0.0
-        for indices in length_sorted_batches(data, batch_size):
-            batch = collate(data, indices, pad_id)
-            logits = self.logits(model, batch)
-            loss_sum += F.cross_entropy(logits, batch["labels"]).item() * len(indices)
-            pred = logits.argmax(-1)
-            confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
-        return classification_metrics(confusion, loss_sum, len(data))
+        return score_classes(lambda batch: self.logits(model, batch), data, batch_size, pad_id, k)
 
 
 class CausalTask(LearningTask):
@@ -317,16 +323,8 @@ class GenerateLabel(CausalTask):
     def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
                  num_labels: int | None = None) -> dict[str, float]:
         """Accuracy and macro-F1 of the most likely label word; loss = cross-entropy over the labels' scores."""
-        k = len(self.candidates)
-        confusion = torch.zeros(k, k, dtype=torch.long)
-        loss_sum = 0.0
-        for indices in length_sorted_batches(data, batch_size):
-            batch = collate(data, indices, pad_id)
-            scores = self.label_scores(model, batch)
-            loss_sum += F.cross_entropy(scores, batch["labels"]).item() * len(indices)
-            pred = scores.argmax(-1)
-            confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
-        return classification_metrics(confusion, loss_sum, len(data))
+        return score_classes(lambda batch: self.label_scores(model, batch), data, batch_size, pad_id,
+                             len(self.candidates))
 
 
 @dataclass(frozen=True)
