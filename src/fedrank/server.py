@@ -12,7 +12,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,31 +33,16 @@ def sample_clients(seed: int, round: int, count: int, per_round: int) -> list[in
     return sorted(np.random.default_rng([seed, round, 1]).choice(count, per_round, replace=False).tolist())
 
 
-@dataclass
 class RunFiles:
     """The layout of a run folder."""
 
-    root: Path
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.toml"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / "config.toml"
+        self.metrics = root / "metrics.jsonl"
+        self.checkpoints = root / "checkpoints"
+        self.summary = root / "summary.json"
+        self.adapter = root / "adapter"
 
     def read_metrics(self, up_to: int | None = None) -> list[dict[str, Any]]:
         """Complete metric lines (a line cut by a crash is dropped), at most round ``up_to``."""
