@@ -7,7 +7,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -18,6 +18,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table  # noqa: E402
 
 from fedrank.config import Config, ConfigError, describe, load_config, save_config, to_dict  # noqa: E402
+
+if TYPE_CHECKING:
+    from fedrank.report import RunRecord
 
 NAN = float("nan")  # printed for metrics a task does not have (instruct: no accuracy)
 
@@ -180,13 +183,14 @@ def report(
     console.print(f"report: {path}")
 
 
-def _diagnostic(records: list, out: Path) -> str:
-    """Run the round-1 diagnostic on the first run's config; save diagnostic.json; return its markdown."""
+def _diagnostic(records: list[RunRecord], out: Path) -> str:
+    """Run the round-1 diagnostic on the shared config of the runs; save diagnostic.json; return its markdown."""
     import json
 
     from fedrank.diagnose import markdown, padding_diagnostic
 
-    results = padding_diagnostic(records[0].cfg)
+    base = next((r for r in records if "@" not in r.label), records[0])  # not a METHOD@R variant
+    results = padding_diagnostic(base.cfg)
     (out / "diagnostic.json").write_text(json.dumps(results, indent=2))
     return markdown(results)
 

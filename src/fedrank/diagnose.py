@@ -18,7 +18,8 @@ from fedrank.experiment import build
 from fedrank.methods import Task
 from fedrank.methods.base import unpack
 from fedrank.runtime.registry import make_runtime
-from fedrank.server import RunFiles, Server
+from fedrank.ranks import make_rank_policy
+from fedrank.server import RunFiles, Server, sample_clients
 
 
 def round_one(cfg: Config) -> dict[str, Any]:
@@ -46,14 +47,40 @@ def round_one(cfg: Config) -> dict[str, Any]:
         return out
 
 
+def with_round_one_tiers(cfg: Config) -> Config:
+    """The quality policy starts everyone at the low rank; use its post-round-1 tiers (low for
+    ``1 - top_fraction`` of the clients, high for the rest) so that round 1 has high-rank clients."""
+    if cfg.ranks.policy != "quality":
+        return cfg
+    top = cfg.ranks.top_fraction
+    ranks = replace(cfg.ranks, policy="fixed", values=sorted(cfg.ranks.values), fractions=[1 - top, top])
+    return replace(cfg, ranks=ranks)
+
+
+def seed_with_mixed_ranks(cfg: Config, tries: int = 100) -> int:
+    """The first seed from ``cfg.seed`` on whose round-1 sample holds clients of different ranks."""
+    for seed in range(cfg.seed, cfg.seed + tries):
+        policy = make_rank_policy(cfg.ranks, cfg.clients.count, seed)
+        clients = sample_clients(seed, 1, cfg.clients.count, cfg.clients.per_round)
+        if len(set(policy.ranks(1, clients, [1] * len(clients)))) > 1:
+            return seed
+    return cfg.seed
+
+
 def padding_diagnostic(cfg: Config, methods: tuple[str, ...] = ("zeropad", "replication")) -> list[dict[str, Any]]:
-    return [round_one(replace(cfg, method=m)) for m in methods]
+    """Round 1 under each padding method, on the first seed whose round-1 sample mixes ranks."""
+    cfg = with_round_one_tiers(cfg)
+    cfg = replace(cfg, seed=seed_with_mixed_ranks(cfg))
+    return [{**round_one(replace(cfg, method=m)), "seed": cfg.seed} for m in methods]
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
     first = results[0]
-    lines = [f"## Byun & Lee diagnostic (round 1, client {first['client']} at rank {first['rank']}; "
-             f"sampled ranks {first['ranks']})\n",
+    if len(set(first["ranks"])) == 1:
+        return (f"## Byun & Lee diagnostic\n\nEvery client sampled in round 1 has rank {first['rank']}: there is no "
+                "high-rank client to diagnose with this seed and rank policy.\n")
+    lines = [f"## Byun & Lee diagnostic (seed {first.get('seed')}, round 1, client {first['client']} at rank "
+             f"{first['rank']}; sampled ranks {first['ranks']})\n",
              "Accuracy of the high-rank client's own model before aggregation and of the global model it receives "
              f"back, on its local validation split ({first['local_examples']} examples) and on the test subset.\n",
              "| method | own, local | received, local | own, test | received, test |", "|---|---|---|---|---|"]

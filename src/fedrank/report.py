@@ -165,7 +165,7 @@ def write_report(runs: list[RunRecord], out: Path, target: float, title: str = "
     plot_accuracy_vs_round(runs, out / "accuracy_vs_round.png")
     plot_accuracy_vs_mb(runs, out / "accuracy_vs_mb.png")
     has_tiers = plot_tiers(runs, out / "accuracy_by_tier.png")
-    first = runs[0]
+    first = next((r for r in runs if "@" not in r.label), runs[0])  # the shared config, not a METHOD@R variant
     text = [f"# {title}\n", notes,
             f"Model `{first.cfg.model.name}`, data `{first.cfg.data.dataset}` ({first.cfg.data.partition} split), "
             f"{first.cfg.clients.count} clients, {first.cfg.clients.per_round} per round, {first.cfg.rounds} rounds, "
