@@ -19,8 +19,8 @@ Node mapping: a node with ``node_config`` ``partition-id=i num-partitions=N`` se
 fedrank clients ``c`` with ``c % N == i``.  Client sampling stays fedrank's own seeded
 sampling (``Server.round``); Flower's sampling is never used.
 
-Faults: a round waits at most ``timeout_s`` (constructor argument, default from the
-environment variable ``FEDRANK_RUNTIME_TIMEOUT_S``, else 600 s) for its replies; a client
+Faults: a round waits at most ``timeout_s`` (constructor argument, default the config's
+``runtime_timeout_s``) for its replies; a client
 whose reply is an error or does not arrive in time is logged and left out, and the server
 records it under ``missing``.
 
@@ -65,13 +65,7 @@ from fedrank.runtime import Job, Outcome  # noqa: E402
 
 log = logging.getLogger("fedrank.flower")
 
-TIMEOUT_ENV = "FEDRANK_RUNTIME_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 600.0
 FAULT_ENV = "FEDRANK_FLOWER_FAULT"  # test hook, see _maybe_fault
-
-
-def default_timeout() -> float:
-    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
 
 
 # --------------------------------------------------------------------------- codec
@@ -115,7 +109,7 @@ class FlowerRuntime:
     def __init__(self, grid: Grid, cfg: Config, timeout_s: float | None = None,
                  wait_nodes_s: float = 120.0, log: Callable[[str], None] = print) -> None:
         self.grid, self.cfg, self.config = grid, cfg, config_text(cfg)
-        self.timeout_s = default_timeout() if timeout_s is None else timeout_s
+        self.timeout_s = cfg.runtime_timeout_s if timeout_s is None else timeout_s
         self.wait_nodes_s, self.log = wait_nodes_s, log
         self.partitions: dict[int, int] = {}  # partition id -> node id
         self.num_partitions = 0
