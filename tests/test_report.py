@@ -76,3 +76,30 @@ def test_round_one_diagnostic_reports_both_padding_methods(tmp_path: Path) -> No
     # the same client trained the same way under both methods: its own model is identical
     assert results[0]["own_test_accuracy"] == results[1]["own_test_accuracy"]
     assert "| zeropad |" in markdown(results) and "| replication |" in markdown(results)
+
+
+def test_parallel_compare_equals_sequential_runs(tmp_path: Path) -> None:
+    from test_run import metrics, run_tiny, untimed
+
+    args = ["compare", "--methods", "replication", "--seeds", "0,1", "--jobs", "2", "--out", str(tmp_path / "cmp"),
+            *_sets(TINY)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run_tiny(tmp_path / "alone", "method=replication", "seed=1")
+    assert untimed(metrics(tmp_path / "cmp" / "runs" / "replication-seed1")) == untimed(metrics(tmp_path / "alone"))
+    assert "| replication | 2 |" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_eval_every_skips_rounds_and_the_report_still_renders(tmp_path: Path) -> None:
+    from fedrank.report import load_run, table, write_report
+    from test_run import metrics, run_tiny
+
+    run_tiny(tmp_path / "run", "rounds=3", "eval.every=2")
+    rows = metrics(tmp_path / "run")
+    assert ["accuracy" in r for r in rows] == [False, True, True]  # round 2, then the last round always
+    record = load_run(tmp_path / "run")
+    best = table([record], 0.0)[0]["best"][0]
+    assert best == max(rows[1]["accuracy"], rows[2]["accuracy"])
+    assert rounds_to(rows, 0.0) == 2
+    write_report([record], tmp_path / "report", 0.5)
+    assert (tmp_path / "report" / "accuracy_vs_mb.png").stat().st_size > 1000

@@ -145,9 +145,11 @@ def compare(
     out: Annotated[Path, typer.Option(help="comparison folder: runs/ inside, report.md beside")] = Path("runs/compare"),
     target: Annotated[float, typer.Option(help="accuracy whose first round is reported")] = 0.8,
     diagnose: Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zeropad vs replication diagnostic")] = False,
+    jobs: Annotated[int, typer.Option(min=1, help="runs at a time, each in its own process; with threads=0 the "
+                                                 "CPU cores are shared between them")] = 1,
 ) -> None:
     """Run several methods on the same partitions, ranks and seeds; finished runs are not redone."""
-    from fedrank.compare import plan
+    from fedrank.compare import plan, run_parallel
     from fedrank.report import load_run, write_report
 
     with user_errors():
@@ -157,11 +159,16 @@ def compare(
             raise ConfigError(f"--seeds must be comma-separated integers, got `{seeds}`") from None
         runs = plan(config, [m for m in methods.split(",") if m.strip()], seed_list, set_, out)
         with _progress(quiet=False) as bar:
-            overall = bar.add_task("runs", total=len(runs), completed=sum(r.finished for r in runs))
-            for run in runs:
-                if not run.finished:
-                    execute(run.cfg, run.folder, progress=bar)
-                    bar.advance(overall)
+            if jobs > 1:
+                rounds = bar.add_task(f"{len(runs)} runs, {jobs} at a time: rounds",
+                                      total=sum(r.cfg.rounds for r in runs))
+                run_parallel(runs, jobs, lambda done: bar.update(rounds, completed=done))
+            else:
+                overall = bar.add_task("runs", total=len(runs), completed=sum(r.finished for r in runs))
+                for run in runs:
+                    if not run.finished:
+                        execute(run.cfg, run.folder, progress=bar)
+                        bar.advance(overall)
         records = [load_run(r.folder) for r in runs]
         report = write_report(records, out, target, appendix=_diagnostic(records, out) if diagnose else "")
     console.print(f"report: {report}")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import re
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from fedrank.config import Config, ConfigError, load_config, to_dict
 from fedrank.methods import METHODS
@@ -22,6 +26,12 @@ class PlannedRun:
     @property
     def finished(self) -> bool:
         return (self.folder / "summary.json").is_file()
+
+    @property
+    def rounds_done(self) -> int:
+        """Rounds recorded in the run's metrics.jsonl so far (how far a run in another process has got)."""
+        metrics = self.folder / "metrics.jsonl"
+        return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
 
 
 def method_overrides(spec: str) -> list[str]:
@@ -50,3 +60,35 @@ def plan(config: Path | None, methods: list[str], seeds: list[int], overrides: l
                 raise ConfigError(f"{folder} holds a run with another config: use a new --out or delete that folder")
             runs.append(PlannedRun(spec.strip(), seed, cfg, folder))
     return runs
+
+
+def _run_in_worker(cfg: Config, folder: Path, threads: int) -> None:
+    import torch
+
+    from fedrank.cli import execute
+
+    if not cfg.threads:  # the config leaves threads to torch: share the cores between the parallel runs
+        torch.set_num_threads(threads)
+    execute(cfg, folder, quiet=True)
+
+
+def run_parallel(runs: list[PlannedRun], jobs: int, on_progress: Callable[[int], None]) -> None:
+    """Run the unfinished runs, ``jobs`` at a time, each in its own (spawned) process.
+
+    ``on_progress`` gets the total number of rounds recorded across ``runs`` every couple of seconds.
+    The first failure stops new runs from starting; the ones already running finish (their checkpoints
+    stay), then the error is raised.
+    """
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    todo = [r for r in runs if not r.finished]
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: set[Future[None]] = {pool.submit(_run_in_worker, r.cfg, r.folder, threads) for r in todo}
+        while pending:
+            done, pending = wait(pending, timeout=2.0, return_when=FIRST_EXCEPTION)
+            on_progress(sum(r.rounds_done for r in runs))
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:
+                for future in pending:
+                    future.cancel()
+                wait(pending)
+                raise failed.exception()  # type: ignore[misc]

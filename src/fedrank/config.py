@@ -96,6 +96,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     max_examples: int = _opt(200, "test examples evaluated after each round (seeded subset; 0 = all)", min=0)
+    every: int = _opt(1, "evaluate the global model every N rounds; the last round always (N >= rounds: only the "
+                         "last)", min=1)
     final_full: bool = _opt(True, "evaluate the final global model on the whole test split")
     batch_size: int = _opt(64, "evaluation batch size", min=1)
     tiers: bool = _opt(True, "also evaluate the global model truncated to each rank tier (padding methods)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedrank.config import Config, ConfigError, load_config  # noqa: E402
 
 MB = 1e6
+NAN = float("nan")
 
 
 @dataclass
@@ -47,13 +49,21 @@ def load_run(path: Path) -> RunRecord:
     return RunRecord(path, load_config(files[0]), rows, json.loads(files[2].read_text()))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample std of the values that exist (NaN when none does: e.g. accuracy of an instruct run)."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    if not present:
+        return NAN, NAN
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else 0.0
+
+
+def _best(rows: list[dict[str, Any]]) -> float:
+    return max((row["accuracy"] for row in rows if "accuracy" in row), default=NAN)
 
 
 def rounds_to(rows: list[dict[str, Any]], target: float) -> int | None:
-    """The first round whose global accuracy reaches ``target``."""
-    return next((r["round"] for r in rows if r.get("accuracy", 0.0) >= target), None)
+    """The first evaluated round whose global accuracy reaches ``target``."""
+    return next((r["round"] for r in rows if "accuracy" in r and r["accuracy"] >= target), None)
 
 
 def group(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
@@ -68,7 +78,7 @@ def table(runs: list[RunRecord], target: float) -> list[dict[str, Any]]:
     rows = []
     for label, group_runs in group(runs).items():
         final = _mean_std([r.summary["final_accuracy"] for r in group_runs])
-        best = _mean_std([max(row["accuracy"] for row in r.rows) for r in group_runs])
+        best = _mean_std([_best(r.rows) for r in group_runs])
         reached = [rounds_to(r.rows, target) for r in group_runs]
         hit = [x for x in reached if x is not None]
         rows.append({
@@ -85,7 +95,7 @@ def table(runs: list[RunRecord], target: float) -> list[dict[str, Any]]:
 
 
 def _fmt(pair: tuple[float, float]) -> str:
-    return f"{pair[0]:.4f} ± {pair[1]:.4f}"
+    return "n/a" if math.isnan(pair[0]) else f"{pair[0]:.4f} ± {pair[1]:.4f}"
 
 
 def markdown_table(rows: list[dict[str, Any]], target: float) -> str:
@@ -101,10 +111,14 @@ def markdown_table(rows: list[dict[str, Any]], target: float) -> str:
 
 
 def _series(group_runs: list[RunRecord], key: str) -> tuple[list[int], list[float]]:
-    rounds = sorted({row["round"] for r in group_runs for row in r.rows})
-    means = [statistics.fmean(row[key] for r in group_runs for row in r.rows if row["round"] == k and key in row)
-             for k in rounds]
-    return rounds, means
+    """Rounds where ``key`` was recorded (``eval.every`` may skip some) and its mean over the runs there."""
+    rounds = sorted({row["round"] for r in group_runs for row in r.rows if key in row})
+    return rounds, [_mean_at(group_runs, k, lambda row: row[key] if key in row else None) for k in rounds]
+
+
+def _mean_at(group_runs: list[RunRecord], rnd: int, value: Any) -> float:
+    return statistics.fmean(v for r in group_runs for row in r.rows if row["round"] == rnd
+                            for v in [value(row)] if v is not None)
 
 
 def _save(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
@@ -126,10 +140,10 @@ def plot_accuracy_vs_round(runs: list[RunRecord], path: Path) -> None:
 def plot_accuracy_vs_mb(runs: list[RunRecord], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, group_runs in group(runs).items():
-        _, acc = _series(group_runs, "accuracy")
-        _, up = _series(group_runs, "cum_upload_bytes")
-        _, down = _series(group_runs, "cum_download_bytes")
-        ax.plot([(u + d) / MB for u, d in zip(up, down)], acc, marker="o", ms=3, label=label)
+        rounds, acc = _series(group_runs, "accuracy")
+        mb = [_mean_at(group_runs, k, lambda row: (row["cum_upload_bytes"] + row["cum_download_bytes"]) / MB)
+              for k in rounds]
+        ax.plot(mb, acc, marker="o", ms=3, label=label)
     ax.set(xlabel="cumulative MB communicated (up + down)", ylabel="test accuracy",
            title="Accuracy against communication")
     ax.set_xscale("log")

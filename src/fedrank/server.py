@@ -170,7 +170,8 @@ class Server:
             "download_bytes": sum(nbytes(p) for _, p in jobs),
         }
         t2 = time.perf_counter()
-        row.update(self.evaluate(state, head))
+        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+            row.update(self.evaluate(state, head))
         if exp.policy.needs_scores_after_round == rnd:
             scores = self.runtime.validate(exp.method.global_factors(state), head, range(cfg.clients.count))
             exp.policy.observe_scores(scores)
