@@ -1,8 +1,9 @@
 """Federation overhead and local-training throughput (prints figures; no pass/fail).
 
 1. Overhead: wall time of a federated run vs the same optimizer steps on the same batches in a
-   bare PyTorch loop (same model, adapter rank, optimizer), as a ratio; with and without the
-   per-round evaluation.
+   bare PyTorch loop (same model, adapter rank, optimizer), as a ratio: the steps alone, and the
+   whole run (model load to exported adapter) against the bare loop plus its model load and one
+   evaluation, with the global model evaluated only at the end and after every round.
 2. Throughput: fedrank's local training loop vs Hugging Face ``Trainer`` + PEFT on the same model,
    batch size and steps (steps/s ratio), and achieved FLOP/s vs this machine's measured fp32
    matmul FLOP/s.  FLOPs per step are estimated as ``4 · N_frozen · tokens`` (forward plus the
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fedrank.cli import execute
-from fedrank.client import batch_order
+from fedrank.client import batch_order, evaluate
 from fedrank.tasks import collate
 from fedrank.config import load_config
 from fedrank.experiment import build
@@ -86,6 +87,15 @@ def trainer_steps_per_s(exp, client: int, steps: int, rank: int) -> float:
         return steps / (time.perf_counter() - start)
 
 
+def timed_run(cfg) -> tuple[float, list[dict]]:
+    """Wall time of ``fedrank run`` (model load to exported adapter) and its metrics rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        execute(cfg, Path(tmp) / "run")
+        seconds = time.perf_counter() - start
+        return seconds, [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -95,25 +105,30 @@ def main() -> None:
     overrides = [f"rounds={args.rounds}", f"train.local_steps={args.steps}", f"clients.per_round={args.per_round}",
                  "ranks.values=[8]", "eval.final_full=false"]
     cfg = load_config(None, overrides)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        execute(cfg, Path(tmp) / "run")
-        federated = time.perf_counter() - start
-        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    every_round, rows = timed_run(cfg)
+    end_only, _ = timed_run(load_config(None, overrides + [f"eval.every={args.rounds}"]))
     train_and_aggregate = sum(r["train_s"] + r["aggregate_s"] for r in rows)
 
+    start = time.perf_counter()
     exp = build(cfg)
+    load = time.perf_counter() - start
     tasks = [Task(c, 8, rnd) for rnd in range(1, cfg.rounds + 1)
              for c in sample_clients(cfg.seed, rnd, cfg.clients.count, cfg.clients.per_round)]
     bare, tokens = bare_loop(exp, tasks)
+    start = time.perf_counter()
+    evaluate(exp.model.peft, exp.test_round, exp.num_labels, cfg.eval.batch_size, exp.loaded.tokenizer.pad_token_id)
+    one_eval = time.perf_counter() - start
+    bare_whole = load + bare + one_eval
     steps = len(tasks) * cfg.train.local_steps
     print(f"1. federation overhead ({steps} optimizer steps, batch {cfg.train.batch_size}, rank 8, "
           f"{torch.get_num_threads()} threads)")
-    print(f"   bare PyTorch loop                 {bare:8.1f} s")
-    print(f"   federated, train + aggregate      {train_and_aggregate:8.1f} s   ratio {train_and_aggregate / bare:.3f}")
-    print(f"   federated, whole run (incl. eval,  {federated:8.1f} s   ratio {federated / bare:.3f}")
-    print("   model load, checkpoints, export)")
+    print(f"   bare PyTorch loop, steps only             {bare:8.1f} s")
+    print(f"   federated, train + aggregate              {train_and_aggregate:8.1f} s   ratio "
+          f"{train_and_aggregate / bare:.3f}")
+    print(f"   bare loop + model load + one evaluation   {bare_whole:8.1f} s")
+    print(f"   federated whole run, evaluated at the end {end_only:8.1f} s   ratio {end_only / bare_whole:.3f}")
+    print(f"   federated whole run, evaluated per round  {every_round:8.1f} s   ratio {every_round / bare_whole:.3f}"
+          f"   ({args.rounds} evaluations instead of 1)")
 
     ours = steps / bare
     theirs = trainer_steps_per_s(exp, tasks[0].client, steps, 8)

@@ -203,7 +203,9 @@ class Server:
         """Final evaluation, summary.json and the PEFT adapter export."""
         exp, cfg = self.exp, self.exp.cfg
         rows = self.files.read_metrics()
-        final = self.evaluate(state, head, exp.test if cfg.eval.final_full else exp.test_round)
+        # without final_full the final model was just evaluated on the same subset: reuse that row
+        reuse = not cfg.eval.final_full and "loss" in rows[-1]
+        final = rows[-1] if reuse else self.evaluate(state, head, exp.test if cfg.eval.final_full else exp.test_round)
         summary = {
             "method": cfg.method,
             "seed": cfg.seed,
