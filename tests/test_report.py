@@ -76,6 +76,17 @@ def test_round_one_diagnostic_reports_both_padding_methods(tmp_path: Path) -> No
     # the same client trained the same way under both methods: its own model is identical
     assert results[0]["own_test_accuracy"] == results[1]["own_test_accuracy"]
     assert "| zeropad |" in markdown(results) and "| replication |" in markdown(results)
+    changed = markdown([{**r, "overrides": ["train.local_epochs=1"]} for r in results])
+    assert "diagnostic only: `train.local_epochs=1`" in changed
+
+
+def test_diagnose_set_with_a_bad_key_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    from test_run import run_tiny
+
+    run_tiny(tmp_path / "run")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep"),
+                                      "--diagnose-set", "train.no_such_key=1"])
+    assert result.exit_code == 2 and "no_such_key" in result.output
 
 
 def test_parallel_compare_equals_sequential_runs(tmp_path: Path) -> None:

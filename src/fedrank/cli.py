@@ -145,6 +145,9 @@ def compare(
     out: Annotated[Path, typer.Option(help="comparison folder: runs/ inside, report.md beside")] = Path("runs/compare"),
     target: Annotated[float, typer.Option(help="accuracy whose first round is reported")] = 0.8,
     diagnose: Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zeropad vs replication diagnostic")] = False,
+    diagnose_set: Annotated[list[str], typer.Option("--diagnose-set", help="override a key for the diagnostic only "
+                                                    "(e.g. train.local_epochs=1: a full local epoch as in the paper); "
+                                                    "implies --diagnose")] = [],
     jobs: Annotated[int, typer.Option(min=1, help="runs at a time, each in its own process; with threads=0 the "
                                                  "CPU cores are shared between them")] = 1,
 ) -> None:
@@ -170,7 +173,7 @@ def compare(
                         execute(run.cfg, run.folder, progress=bar)
                         bar.advance(overall)
         records = [load_run(r.folder) for r in runs]
-        report = write_report(records, out, target, appendix=_diagnostic(records, out) if diagnose else "")
+        report = write_report(records, out, target, appendix=_diagnostic(records, out, diagnose_set) if diagnose or diagnose_set else "")
     console.print(f"report: {report}")
 
 
@@ -180,24 +183,29 @@ def report(
     out: Annotated[Path, typer.Option(help="where report.md and the plots go")] = Path("runs/report"),
     target: Annotated[float, typer.Option(help="accuracy whose first round is reported")] = 0.8,
     diagnose: Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zeropad vs replication diagnostic")] = False,
+    diagnose_set: Annotated[list[str], typer.Option("--diagnose-set", help="override a key for the diagnostic only "
+                                                    "(e.g. train.local_epochs=1: a full local epoch as in the paper); "
+                                                    "implies --diagnose")] = [],
 ) -> None:
     """Render report.md and plots from finished runs."""
     from fedrank.report import load_run, write_report
 
     with user_errors():
         records = [load_run(d) for d in run_dirs]
-        path = write_report(records, out, target, appendix=_diagnostic(records, out) if diagnose else "")
+        path = write_report(records, out, target, appendix=_diagnostic(records, out, diagnose_set) if diagnose or diagnose_set else "")
     console.print(f"report: {path}")
 
 
-def _diagnostic(records: list[RunRecord], out: Path) -> str:
-    """Run the round-1 diagnostic on the shared config of the runs; save diagnostic.json; return its markdown."""
+def _diagnostic(records: list[RunRecord], out: Path, overrides: list[str]) -> str:
+    """Run the round-1 diagnostic on the shared config of the runs (plus ``overrides``); save diagnostic.json;
+    return its markdown."""
     import json
 
     from fedrank.diagnose import markdown, padding_diagnostic
 
     base = next((r for r in records if "@" not in r.label), records[0])  # not a METHOD@R variant
-    results = padding_diagnostic(base.cfg)
+    cfg = load_config(base.path / "config.toml", overrides) if overrides else base.cfg
+    results = [{**r, "overrides": overrides} for r in padding_diagnostic(cfg)]
     (out / "diagnostic.json").write_text(json.dumps(results, indent=2))
     return markdown(results)
 

@@ -82,7 +82,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = [f"## Byun & Lee diagnostic (seed {first.get('seed')}, round 1, client {first['client']} at rank "
              f"{first['rank']}; sampled ranks {first['ranks']})\n",
              "Accuracy of the high-rank client's own model before aggregation and of the global model it receives "
-             f"back, on its local validation split ({first['local_examples']} examples) and on the test subset.\n",
+             f"back, on its local validation split ({first['local_examples']} examples) and on the test subset."
+             + (f" Settings changed for the diagnostic only: `{' '.join(first['overrides'])}`."
+                if first.get("overrides") else "") + "\n",
              "| method | own, local | received, local | own, test | received, test |", "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['method']} | {r['own_local_accuracy']:.4f} | {r['received_local_accuracy']:.4f} | "
