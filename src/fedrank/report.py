@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedrank.config import Config, ConfigError, load_config  # noqa: E402
 
@@ -134,6 +135,7 @@ def plot_accuracy_vs_round(runs: list[RunRecord], path: Path) -> None:
     for label, group_runs in group(runs).items():
         ax.plot(*_series(group_runs, "accuracy"), marker="o", ms=3, label=label)
     ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)", title="Global model accuracy per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save(fig, ax, path)
 
 
