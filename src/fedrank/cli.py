@@ -136,6 +136,13 @@ def _progress(quiet: bool) -> Progress:
                     TimeRemainingColumn(), console=console, disable=quiet)
 
 
+TargetOption = Annotated[float, typer.Option(help="accuracy whose first round is reported")]
+DiagnoseOption = Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zeropad vs replication diagnostic")]
+DiagnoseSetOption = Annotated[list[str], typer.Option(
+    "--diagnose-set", help="override a key for the diagnostic only (e.g. train.local_epochs=1: a full local epoch "
+                           "as in the paper); implies --diagnose")]
+
+
 @app.command()
 def compare(
     config: Annotated[Optional[Path], typer.Argument(help="experiment TOML shared by every run")] = None,
@@ -143,17 +150,15 @@ def compare(
     seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0",
     set_: Annotated[list[str], typer.Option("--set", help="override a key for every run")] = [],
     out: Annotated[Path, typer.Option(help="comparison folder: runs/ inside, report.md beside")] = Path("runs/compare"),
-    target: Annotated[float, typer.Option(help="accuracy whose first round is reported")] = 0.8,
-    diagnose: Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zeropad vs replication diagnostic")] = False,
-    diagnose_set: Annotated[list[str], typer.Option("--diagnose-set", help="override a key for the diagnostic only "
-                                                    "(e.g. train.local_epochs=1: a full local epoch as in the paper); "
-                                                    "implies --diagnose")] = [],
+    target: TargetOption = 0.8,
+    diagnose: DiagnoseOption = False,
+    diagnose_set: DiagnoseSetOption = [],
     jobs: Annotated[int, typer.Option(min=1, help="runs at a time, each in its own process; with threads=0 the "
                                                  "CPU cores are shared between them")] = 1,
 ) -> None:
     """Run several methods on the same partitions, ranks and seeds; finished runs are not redone."""
     from fedrank.compare import plan, run_parallel
-    from fedrank.report import load_run, write_report
+    from fedrank.report import load_run
 
     with user_errors():
         try:
@@ -173,27 +178,33 @@ def compare(
                         execute(run.cfg, run.folder, progress=bar)
                         bar.advance(overall)
         records = [load_run(r.folder) for r in runs]
-        report = write_report(records, out, target, appendix=_diagnostic(records, out, diagnose_set) if diagnose or diagnose_set else "")
-    console.print(f"report: {report}")
+        path = _render(records, out, target, diagnose, diagnose_set)
+    console.print(f"report: {path}")
 
 
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="finished run folders")],
     out: Annotated[Path, typer.Option(help="where report.md and the plots go")] = Path("runs/report"),
-    target: Annotated[float, typer.Option(help="accuracy whose first round is reported")] = 0.8,
-    diagnose: Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zeropad vs replication diagnostic")] = False,
-    diagnose_set: Annotated[list[str], typer.Option("--diagnose-set", help="override a key for the diagnostic only "
-                                                    "(e.g. train.local_epochs=1: a full local epoch as in the paper); "
-                                                    "implies --diagnose")] = [],
+    target: TargetOption = 0.8,
+    diagnose: DiagnoseOption = False,
+    diagnose_set: DiagnoseSetOption = [],
 ) -> None:
     """Render report.md and plots from finished runs."""
-    from fedrank.report import load_run, write_report
+    from fedrank.report import load_run
 
     with user_errors():
         records = [load_run(d) for d in run_dirs]
-        path = write_report(records, out, target, appendix=_diagnostic(records, out, diagnose_set) if diagnose or diagnose_set else "")
+        path = _render(records, out, target, diagnose, diagnose_set)
     console.print(f"report: {path}")
+
+
+def _render(records: list[RunRecord], out: Path, target: float, diagnose: bool, diagnose_set: list[str]) -> Path:
+    """report.md and plots, with the round-1 diagnostic appended when asked for."""
+    from fedrank.report import write_report
+
+    appendix = _diagnostic(records, out, diagnose_set) if diagnose or diagnose_set else ""
+    return write_report(records, out, target, appendix=appendix)
 
 
 def _diagnostic(records: list[RunRecord], out: Path, overrides: list[str]) -> str:
