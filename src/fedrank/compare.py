@@ -12,6 +12,7 @@ from typing import Callable
 
 from fedrank.config import Config, ConfigError, load_config, to_dict
 from fedrank.methods import METHODS
+from fedrank.server import RunFiles
 
 _VARIANT = re.compile(r"^(?P<method>[a-z]+)(@(?P<rank>\d+))?$")
 
@@ -30,8 +31,7 @@ class PlannedRun:
     @property
     def rounds_done(self) -> int:
         """Rounds recorded in the run's metrics.jsonl so far (how far a run in another process has got)."""
-        metrics = self.folder / "metrics.jsonl"
-        return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
+        return len(RunFiles(self.folder).read_metrics())
 
 
 def method_overrides(spec: str) -> list[str]:

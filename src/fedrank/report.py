@@ -58,10 +58,6 @@ def _mean_std(values: list[float | None]) -> tuple[float, float]:
     return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else 0.0
 
 
-def _best(rows: list[dict[str, Any]]) -> float:
-    return max((row["accuracy"] for row in rows if "accuracy" in row), default=NAN)
-
-
 def rounds_to(rows: list[dict[str, Any]], target: float) -> int | None:
     """The first evaluated round whose global accuracy reaches ``target``."""
     return next((r["round"] for r in rows if "accuracy" in r and r["accuracy"] >= target), None)
@@ -79,7 +75,7 @@ def table(runs: list[RunRecord], target: float) -> list[dict[str, Any]]:
     rows = []
     for label, group_runs in group(runs).items():
         final = _mean_std([r.summary["final_accuracy"] for r in group_runs])
-        best = _mean_std([_best(r.rows) for r in group_runs])
+        best = _mean_std([r.summary["best_round_accuracy"] for r in group_runs])
         reached = [rounds_to(r.rows, target) for r in group_runs]
         hit = [x for x in reached if x is not None]
         rows.append({

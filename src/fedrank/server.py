@@ -203,9 +203,8 @@ class Server:
         """Final evaluation, summary.json and the PEFT adapter export."""
         exp, cfg = self.exp, self.exp.cfg
         rows = self.files.read_metrics()
-        # without final_full the final model was just evaluated on the same subset: reuse that row
-        reuse = not cfg.eval.final_full and "loss" in rows[-1]
-        final = rows[-1] if reuse else self.evaluate(state, head, exp.test if cfg.eval.final_full else exp.test_round)
+        # the last round is always evaluated on the per-round subset: without final_full that row is the final one
+        final = self.evaluate(state, head, exp.test) if cfg.eval.final_full else rows[-1]
         summary = {
             "method": cfg.method,
             "seed": cfg.seed,
