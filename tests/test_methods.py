@@ -86,7 +86,7 @@ def test_fedplora_fold_and_warm_start_is_exact_at_every_rank() -> None:
             torch.testing.assert_close(delta(start.init)[layer] + delta(start.fold)[layer], g)
 
 
-@pytest.mark.parametrize("name", ["zeropad", "replication", "fedplora"])
+@pytest.mark.parametrize("name", ["zeropad", "replication", "updatepad", "orderedfold", "fedplora"])
 def test_equal_ranks_agree_with_fedit(name: str) -> None:
     ranks, weights = [R, R, R], [1.0, 3.0, 2.0]
     expected = unpack(run_rounds(make("fedit"), ranks, weights=weights))
@@ -195,6 +195,8 @@ WIRE = {
     "zeropad": lambda r, m, n, ranks: (r * (m + n), r * (m + n)),
     "hetlora": lambda r, m, n, ranks: (r * (m + n), r * (m + n)),
     "replication": lambda r, m, n, ranks: (r * (m + n), r * (m + n)),
+    "updatepad": lambda r, m, n, ranks: (r * (m + n), r * (m + n)),
+    "orderedfold": lambda r, m, n, ranks: (r * (m + n), R * (m + n)),
     "flexlora": lambda r, m, n, ranks: (r * (m + n), r * (m + n)),
     "fedplora": lambda r, m, n, ranks: (r * (m + n), R * (m + n)),
     "ffa": lambda r, m, n, ranks: (r * m, r * m),

@@ -23,6 +23,7 @@ __all__ = [
     "fedavg",
     "zero_pad",
     "replicate_pad",
+    "update_pad",
     "hetlora",
     "flora_stack",
     "flexlora",
@@ -205,6 +206,31 @@ def replicate_pad(
     p = _normalised(weights, len(As), As[0])
     slots = [torch.arange(r) for r in ranks]
     return _slot_mean(As, Bs, p, slots, m, n, rank, prev)
+
+
+def update_pad(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Weights,
+    rank: int,
+    prev: Factors | None = None,
+) -> Factors:
+    """Update-space zero padding: ``X_g = prev + Σ_k p_k pad0(X_k − prev[:r_k], rank)``.
+
+    ``p`` is normalised over ALL clients of the round, so a slot held by clients of total
+    weight ``P_j`` moves by ``P_j`` times their mean update: between replication (a full step
+    to the holders' mean) and weight-space zero padding (a pull toward zero).  A slot nobody
+    holds keeps ``prev``.  Equal ranks give FedAvg; ``prev=None`` (zeros) gives ``zero_pad``.
+    """
+    m, n, ranks = _check_factors(As, Bs)
+    _check_rank(ranks, rank)
+    _check_prev(prev, m, n, rank)
+    if prev is None:
+        return zero_pad(As, Bs, weights, rank)
+    A_prev, B_prev = (x.to(As[0]) for x in prev)
+    dA, dB = zero_pad([A - A_prev[:r] for A, r in zip(As, ranks)],
+                      [B - B_prev[:, :r] for B, r in zip(Bs, ranks)], weights, rank)
+    return A_prev + dA, B_prev + dB
 
 
 def hetlora(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Weights, rank: int) -> Factors:

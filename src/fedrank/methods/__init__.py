@@ -10,11 +10,14 @@ from fedrank.methods.ffa import FFALoRA
 from fedrank.methods.flexlora import FlexLoRA
 from fedrank.methods.flora import FLoRA
 from fedrank.methods.hetlora import HetLoRA
+from fedrank.methods.orderedfold import OrderedFold
 from fedrank.methods.replication import Replication
+from fedrank.methods.updatepad import UpdatePad
 from fedrank.methods.zeropad import ZeroPad
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FedIT, ZeroPad, HetLoRA, Replication, FLoRA, FlexLoRA, FedPLoRA, FFALoRA)
+    cls.name: cls
+    for cls in (FedIT, ZeroPad, HetLoRA, Replication, UpdatePad, OrderedFold, FLoRA, FlexLoRA, FedPLoRA, FFALoRA)
 }
 
 
