@@ -56,6 +56,20 @@ def ref_replicate_pad(As, Bs, w, R, prev=None):
     return A, B
 
 
+def ref_update_pad(As, Bs, w, R, prev):
+    """Update-space padding as written: each client's change from the global factors, zero-padded, averaged
+    with weights normalised over every client, added to the global factors."""
+    p = ref_weights(w)
+    A, B = prev[0].copy(), prev[1].copy()
+    for pk, a, b in zip(p, As, Bs):
+        r = a.shape[0]
+        dA, dB = np.zeros_like(A), np.zeros_like(B)
+        dA[:r], dB[:, :r] = a - prev[0][:r], b - prev[1][:, :r]
+        A += pk * dA
+        B += pk * dB
+    return A, B
+
+
 def ref_plora(As, Bs, w, slots, R, prev=None):
     p = ref_weights(w)
     n, m = As[0].shape[1], Bs[0].shape[0]
@@ -157,6 +171,37 @@ def test_replicate_slot_is_weighted_mean_of_holders(case: Case) -> None:
         close(A[j], mean)
 
 
+def case_prev(case: Case, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((case.R, case.As[0].shape[1])), rng.standard_normal((case.Bs[0].shape[0], case.R))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_update_pad_matches_reference(case: Case) -> None:
+    prev = case_prev(case)
+    A, B = agg.update_pad(*case.torch(), case.w, case.R, prev=tuple(torch.tensor(x) for x in prev))
+    rA, rB = ref_update_pad(case.As, case.Bs, case.w, case.R, prev)
+    close(A, rA), close(B, rB)
+    top = max(case.ranks)  # slots nobody holds keep prev exactly
+    close(A[top:], prev[0][top:], 0), close(B[:, top:], prev[1][:, top:], 0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_update_pad_without_prev_is_zero_pad(case: Case) -> None:
+    for x, y in zip(agg.update_pad(*case.torch(), case.w, case.R), agg.zero_pad(*case.torch(), case.w, case.R)):
+        close(x, y.numpy(), 0)
+
+
+def test_update_pad_moves_a_sparse_slot_by_its_holders_share() -> None:
+    """One rank-8 client of weight 1 among three rank-2 clients: slots 2..7 move a quarter of its change,
+    where replication jumps to its value and zero padding shrinks them to a quarter of its value."""
+    case = make_case(0, 8, 8, [2, 2, 2, 8], R=8)
+    case.w[:] = 1.0
+    prev = case_prev(case)
+    A, _ = agg.update_pad(*case.torch(), case.w, 8, prev=tuple(torch.tensor(x) for x in prev))
+    close(A[2:], prev[0][2:] + 0.25 * (case.As[3][2:] - prev[0][2:]))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_hetlora_weights_by_product_norm(case: Case) -> None:
     A, B = agg.hetlora(*case.torch(), case.w, case.R)
@@ -220,6 +265,8 @@ def _prefix_slots(case: Case) -> list[list[int]]:
 METHODS: dict[str, Method] = {
     "zero_pad": lambda As, Bs, w, c: list(agg.zero_pad(As, Bs, w, c.R)),
     "replicate_pad": lambda As, Bs, w, c: list(agg.replicate_pad(As, Bs, w, c.R)),
+    "update_pad": lambda As, Bs, w, c: list(agg.update_pad(
+        As, Bs, w, c.R, prev=tuple(torch.tensor(x, dtype=As[0].dtype) for x in case_prev(c)))),
     "hetlora": lambda As, Bs, w, c: list(agg.hetlora(As, Bs, w, c.R)),
     "plora": lambda As, Bs, w, c: list(agg.plora(As, Bs, w, _prefix_slots(c), c.R)),
     # stacks depend on client order; their product does not
@@ -261,13 +308,14 @@ def test_equal_ranks_padding_methods_agree_with_fedavg(seed: int) -> None:
     case = make_case(seed, 11, 7, [4, 4, 4, 4])
     As, Bs = case.torch()
     expected = agg.fedavg(As, Bs, case.w)
-    for name in ("zero_pad", "replicate_pad", "plora"):
+    for name in ("zero_pad", "replicate_pad", "plora", "update_pad"):
         for x, y in zip(METHODS[name](As, Bs, case.w, case), expected):
             close(x, y.numpy(), 1e-12)
     close(expected[0], np.average(case.As, axis=0, weights=case.w))
 
 
-@pytest.mark.parametrize("name", ["zero_pad", "replicate_pad", "hetlora", "plora", "flora_stack", "flexlora"])
+@pytest.mark.parametrize("name", ["zero_pad", "replicate_pad", "update_pad", "hetlora", "plora", "flora_stack",
+                                  "flexlora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_output_keeps_dtype(name: str, dtype: torch.dtype) -> None:
     case = make_case(0, 6, 5, [1, 3])
@@ -325,6 +373,8 @@ BAD_INPUTS = [
     ("not 2-D", lambda: agg.flora_stack([torch.ones(4)], [_t(3, 1)], [1.0]), "2-D"),
     ("dtype mix", lambda: agg.zero_pad([_t(1, 4), _t(1, 4).float()], [_t(3, 1)] * 2, [1, 1], 1), "dtype"),
     ("bad prev", lambda: agg.replicate_pad([_t(1, 4)], [_t(3, 1)], [1.0], 2, prev=(_t(1, 4), _t(3, 1))), "prev"),
+    ("bad update prev", lambda: agg.update_pad([_t(1, 4)], [_t(3, 1)], [1.0], 2, prev=(_t(2, 5), _t(3, 2))), "prev"),
+    ("update rank above global", lambda: agg.update_pad([_t(3, 4)], [_t(3, 3)], [1.0], 2), "above the global rank"),
     ("flexlora rank 0", lambda: agg.flexlora([_t(1, 4)], [_t(3, 1)], [1.0], [0]), "positive"),
 ]
 

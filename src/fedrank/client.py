@@ -82,9 +82,9 @@ class FedClient:
         model.set_base(start.fold)
         model.set_factors(start.init)
         model.set_head(head)
-        loss = self._train(task, start.train_A)
+        loss = self._train(task, start.train_A, train_head=bool(head))
         trained = model.get_factors()
-        upload = with_head(self.method.upload(start, trained, task), model.get_head())
+        upload = with_head(self.method.upload(start, trained, task), model.get_head() if head else {})
         model.set_base(None)
         return Reply(task, float(len(self.data[task.client].train)), upload), {"train_loss": loss}
 
@@ -98,9 +98,14 @@ class FedClient:
         with self.model.merged(factors) as net:
             return self.task.score(evaluate(net, val, self.num_labels, self.cfg.batch_size, self.pad_id))
 
-    def _train(self, task: Task, train_A: bool) -> float:
+    def _train(self, task: Task, train_A: bool, train_head: bool = True) -> float:
+        """Local steps on the active adapter (and the head when the server sent one; else it stays frozen)."""
         cfg, model, data = self.cfg, self.model, self.data[task.client].train
         lora, head = model.trainable(train_A)
+        if not train_head:
+            for p in head:
+                p.requires_grad_(False)
+            head = []
         groups = [{"params": lora, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         steps = local_steps(cfg, len(data))

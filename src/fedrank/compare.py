@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Callable
 
 from fedrank.config import Config, ConfigError, load_config, to_dict
+from fedrank.heads import HEAD_RULES
 from fedrank.methods import METHODS
 from fedrank.server import RunFiles
 
-_VARIANT = re.compile(r"^(?P<method>[a-z]+)(@(?P<rank>\d+))?$")
+_VARIANT = re.compile(r"^(?P<method>[a-z]+)(@(?P<rank>\d+))?(\+(?P<head>[a-z]+))?$")
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,18 @@ class PlannedRun:
 
 
 def method_overrides(spec: str) -> list[str]:
-    """``replication`` → method only; ``fedit@5`` → that method with every client at rank 5."""
+    """``replication`` → method only; ``fedit@5`` → every client at rank 5; ``replication+tier`` → that
+    method with ``server.head=tier``."""
     match = _VARIANT.match(spec.strip())
-    if not match or match["method"] not in METHODS:
+    if not match or match["method"] not in METHODS or (match["head"] and match["head"] not in HEAD_RULES):
         raise ConfigError(f"`{spec}` is not a method: use one of {', '.join(METHODS)}, optionally with @RANK "
-                          "(fedit@5 runs every client at rank 5)")
+                          f"(fedit@5 runs every client at rank 5) and +HEAD, one of {', '.join(HEAD_RULES)} "
+                          "(replication+tier)")
     out = [f"method={match['method']}"]
     if match["rank"]:
         out += ["ranks.policy=fixed", f"ranks.values=[{match['rank']}]", "ranks.fractions=[]"]
+    if match["head"]:
+        out.append(f"server.head={match['head']}")
     return out
 
 

@@ -101,6 +101,9 @@ class EvalConfig:
     final_full: bool = _opt(True, "evaluate the final global model on the whole test split")
     batch_size: int = _opt(64, "evaluation batch size", min=1)
     tiers: bool = _opt(True, "also evaluate the global model truncated to each rank tier (padding methods)")
+    dynamics: bool = _opt(False, "rank-ordered methods with several tiers: record per round the norm of each tier's "
+                          "part of s·Σ_j B_j A_j (`tier_norm_r<t>`) and the cosine between successive updates of the "
+                          "slots above the lowest tier (`high_update_cos`)")
 
 
 @dataclass
@@ -108,6 +111,9 @@ class ServerConfig:
     max_update_norm: float = _opt(0.0, "bound on the L2 norm of each uploaded update (0 = off)", min=0.0)
     norm_action: str = _opt("clip", "what happens above the bound: clip (scale down) | reject",
                             choices=("clip", "reject"))
+    head: str = _opt("fedavg", "task head: fedavg (one head, averaged over all clients) | tier (one head per rank "
+                     "tier, averaged over that tier's clients, all clients when the tier is absent) | frozen (kept at "
+                     "its seeded init, never sent or trained: FedBABU)", choices=("fedavg", "tier", "frozen"))
 
 
 @dataclass
@@ -120,7 +126,8 @@ class FaultsConfig:
 
 @dataclass
 class Config:
-    method: str = _opt("replication", "fedit | zeropad | hetlora | replication | flora | flexlora | fedplora | ffa")
+    method: str = _opt("replication", "fedit | zeropad | hetlora | replication | updatepad | orderedfold | flora | "
+                       "flexlora | fedplora | ffa")
     task: str = _opt("classify", "classify (encoder + classifier head) | generate-label (causal LM answers the label "
                      "word) | instruct (causal LM on prompt/response JSONL)",
                      choices=("classify", "generate-label", "instruct"))

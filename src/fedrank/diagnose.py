@@ -27,7 +27,7 @@ def round_one(cfg: Config) -> dict[str, Any]:
     exp = build(cfg)
     with TemporaryDirectory() as tmp:
         server = Server(exp, make_runtime(cfg.runtime, exp), RunFiles(Path(tmp)))
-        state, head = exp.method.init_state(), exp.model.get_head()
+        state, head = exp.method.init_state(), exp.heads.init_state(exp.model.get_head())
         jobs, outcomes = server.dispatch(1, state, head)
         reply = max((r for r, _ in outcomes), key=lambda r: (r.task.rank, -r.task.client))
         own_factors, own_head = split_head(reply.tensors)
@@ -40,7 +40,8 @@ def round_one(cfg: Config) -> dict[str, Any]:
         local = exp.client.data[reply.task.client].val
         out: dict[str, Any] = {"method": cfg.method, "client": task.client, "rank": task.rank,
                                "ranks": [t.rank for t, _ in jobs]}
-        for name, factors, h in (("own", unpack(own_factors), own_head), ("received", received, new_head)):
+        received_head = exp.heads.for_rank(new_head, task.rank)
+        for name, factors, h in (("own", unpack(own_factors), own_head), ("received", received, received_head)):
             out[f"{name}_local_accuracy"] = server.evaluate_factors(factors, h, local)["accuracy"]
             out[f"{name}_test_accuracy"] = server.evaluate_factors(factors, h, exp.test_round)["accuracy"]
         out["local_examples"] = len(local)

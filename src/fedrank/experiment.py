@@ -12,6 +12,7 @@ from fedrank.adapters import AdaptedModel
 from fedrank.client import ClientData, Encoded, FedClient
 from fedrank.config import Config
 from fedrank.data import Splits, local_split, partition
+from fedrank.heads import HeadRule, make_head_rule
 from fedrank.methods import Method, get_method
 from fedrank.models import LoadedModel
 from fedrank.ranks import RankPolicy, make_rank_policy
@@ -31,6 +32,7 @@ class Experiment:
     test: Encoded  # the whole test split
     test_round: Encoded  # the seeded subset evaluated after every round
     task: LearningTask
+    heads: HeadRule  # how the server treats the task head
 
     @property
     def num_labels(self) -> int:
@@ -72,4 +74,5 @@ def build(cfg: Config) -> Experiment:
     client = FedClient(method, model, cfg.train, data, num_labels, tok.pad_token_id, cfg.seed, task)
     sizes = [len(data[c].train) for c in range(cfg.clients.count)]
     return Experiment(cfg, splits, loaded, model, method, policy, client, sizes, test,
-                      eval_subset(test, cfg.eval.max_examples, cfg.seed), task)
+                      eval_subset(test, cfg.eval.max_examples, cfg.seed), task,
+                      make_head_rule(cfg.server.head, policy.tiers))

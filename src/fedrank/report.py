@@ -33,11 +33,15 @@ class RunRecord:
 
     @property
     def label(self) -> str:
-        """The method, with the rank when every client has the same one (``fedit@5``)."""
+        """The method, with the rank when every client has the same one (``fedit@5``) and the head rule when it
+        is not FedAvg (``replication+tier``): the spec `fedrank compare --methods` takes."""
         values = self.cfg.ranks.values
+        label = self.cfg.method
         if self.cfg.ranks.policy == "fixed" and len(set(values)) == 1:
-            return f"{self.cfg.method}@{values[0]}"
-        return self.cfg.method
+            label += f"@{values[0]}"
+        if self.cfg.server.head != "fedavg":
+            label += f"+{self.cfg.server.head}"
+        return label
 
 
 def load_run(path: Path) -> RunRecord:

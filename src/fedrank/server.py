@@ -16,13 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedrank import aggregation, checkpoint
+from fedrank import checkpoint, dynamics
 from fedrank.client import evaluate, split_head, with_head
 from fedrank.experiment import Experiment
+from fedrank.heads import HeadReply
 from fedrank.methods import Reply, Task, Tensors
-from fedrank.methods.base import Factors, truncate
+from fedrank.methods.base import Factors, pack, truncate, unpack
 from fedrank.runtime import Job, Outcome, Runtime
 from fedrank.validation import check_reply
+
+BEFORE = "before/"  # checkpoint prefix: the global slots above the lowest tier one round back (eval.dynamics)
+
 
 def nbytes(tensors: Tensors) -> int:
     """Bytes on the wire: the tensors actually exchanged."""
@@ -77,36 +81,60 @@ class Server:
                  log: Callable[[str], None] = print) -> None:
         self.exp, self.runtime, self.files = exp, runtime, files
         self.on_client, self.on_round, self.on_start, self.log = on_client, on_round, on_start, log
+        self.before: Tensors | None = None  # eval.dynamics: the high slots one round back
 
     # ----------------------------------------------------------------- state
 
     def _restore(self) -> tuple[int, Tensors, Tensors, dict[str, int]]:
+        """(round, method state, head state, byte totals) of the last checkpoint, or of round 0."""
         exp = self.exp
         ckpt = checkpoint.latest(self.files.checkpoints, warn=self.log)
+        self.before = None
         if ckpt is None:
             self.files.rewrite_metrics([])
-            return 0, exp.method.init_state(), exp.model.get_head(), {"upload": 0, "download": 0}
+            return 0, exp.method.init_state(), exp.heads.init_state(exp.model.get_head()), {"upload": 0, "download": 0}
         exp.policy.load_state_dict(ckpt.meta["policy"])
         self.files.rewrite_metrics(self.files.read_metrics(up_to=ckpt.round))
-        state, head = split_head(ckpt.tensors)
+        before = {k.removeprefix(BEFORE): v for k, v in ckpt.tensors.items() if k.startswith(BEFORE)}
+        self.before = before or None
+        state, head = split_head({k: v for k, v in ckpt.tensors.items() if not k.startswith(BEFORE)})
         return ckpt.round, state, head, ckpt.meta["totals"]
 
     def _save(self, round: int, state: Tensors, head: Tensors, totals: dict[str, int]) -> None:
         meta = {"policy": self.exp.policy.state_dict(), "totals": totals, "seed": self.exp.cfg.seed}
-        checkpoint.save(self.files.checkpoints, round, with_head(state, head), meta)
+        before = {BEFORE + k: v for k, v in (self.before or {}).items()}
+        checkpoint.save(self.files.checkpoints, round, {**with_head(state, head), **before}, meta)
 
     # ----------------------------------------------------------------- evaluation
 
     def evaluate(self, state: Tensors, head: Tensors, data=None) -> dict[str, float]:
-        """Global model metrics; for rank-ordered methods also the model truncated to each lower tier."""
+        """Global model metrics; for rank-ordered methods also the model truncated to each lower tier,
+        each with the head that the head rule gives that rank."""
         exp = self.exp
         data = data if data is not None else exp.test_round
         factors = exp.method.global_factors(state)
-        out = self.evaluate_factors(factors, head, data)
+        rank = exp.policy.global_rank
+        out = self.evaluate_factors(factors, exp.heads.for_rank(head, rank), data)
         if exp.cfg.eval.tiers and exp.method.rank_ordered and len(exp.policy.tiers) > 1:
             for r in exp.policy.tiers:
-                out[f"accuracy_r{r}"] = (out.get("accuracy") if r == exp.policy.global_rank else
-                                         self.evaluate_factors(truncate(factors, r), head, data).get("accuracy"))
+                out[f"accuracy_r{r}"] = (out.get("accuracy") if r == rank else self.evaluate_factors(
+                    truncate(factors, r), exp.heads.for_rank(head, r), data).get("accuracy"))
+        return out
+
+    def dynamics(self, previous: Tensors, current: Tensors) -> dict[str, float | None]:
+        """``eval.dynamics``: each tier's share of the global update and the high slots' update cosine."""
+        exp = self.exp
+        tiers = exp.policy.tiers
+        if not (exp.cfg.eval.dynamics and exp.method.rank_ordered and len(tiers) > 1):
+            return {}
+        prev, cur = exp.method.global_factors(previous), exp.method.global_factors(current)
+        low = min(tiers)
+        out: dict[str, float | None] = {**dynamics.tier_norms(cur, tiers, exp.cfg.model.scale),
+                                        "high_update_cos": None}
+        if self.before is not None:
+            out["high_update_cos"] = dynamics.update_cosine(unpack(self.before), dynamics.slots(prev, low),
+                                                            dynamics.slots(cur, low))
+        self.before = pack(dynamics.slots(prev, low))
         return out
 
     def evaluate_factors(self, factors: Factors, head: Tensors, data) -> dict[str, float]:
@@ -122,7 +150,7 @@ class Server:
         exp, cfg = self.exp, self.exp.cfg
         clients = sample_clients(cfg.seed, rnd, cfg.clients.count, cfg.clients.per_round)
         ranks = exp.policy.ranks(rnd, clients, [exp.sizes[c] for c in clients])
-        jobs = [(task, with_head(exp.method.payload(state, task), head))
+        jobs = [(task, with_head(exp.method.payload(state, task), exp.heads.for_client(head, task.rank)))
                 for task in (Task(c, r, rnd) for c, r in zip(clients, ranks))]
         return jobs, self.runtime.fit(jobs, self.on_client)
 
@@ -136,18 +164,18 @@ class Server:
         replies, heads, rejected = [], [], []
         for reply, _ in outcomes:
             tensors, reply_head = split_head(reply.tensors)
-            checked = check_reply(self.exp.method, reply.task, tensors, reply_head, head,
+            checked = check_reply(self.exp.method, reply.task, tensors, reply_head,
+                                  self.exp.heads.for_client(head, reply.task.rank),
                                   server_cfg.max_update_norm, server_cfg.norm_action == "clip")
             if isinstance(checked, str):
                 self.log(f"round {reply.task.round}: rejected the update of client {reply.task.client}: {checked}")
                 rejected.append({"client": reply.task.client, "reason": checked})
                 continue
             replies.append(Reply(reply.task, reply.weight, checked[0]))
-            heads.append(checked[1])
+            heads.append(HeadReply(reply.task.rank, reply.weight, checked[1]))
         if not replies:
             return state, head, rejected
-        return (self.exp.method.aggregate(state, replies),
-                aggregation.weighted_mean(heads, [r.weight for r in replies]), rejected)
+        return self.exp.method.aggregate(state, replies), self.exp.heads.aggregate(head, heads), rejected
 
     def round(self, rnd: int, state: Tensors, head: Tensors) -> tuple[Tensors, Tensors, dict[str, Any]]:
         """One federated round; returns the new state, head and the round's metrics."""
@@ -155,6 +183,7 @@ class Server:
         t0 = time.perf_counter()
         jobs, outcomes = self.dispatch(rnd, state, head)
         t1 = time.perf_counter()
+        previous = state
         state, head, rejected = self.combine(state, head, outcomes)
         if len(rejected) == len(outcomes):
             self.log(f"round {rnd}: no valid reply arrived; the global model is unchanged")
@@ -169,11 +198,13 @@ class Server:
             "upload_bytes": sum(nbytes(r.tensors) for r, _ in outcomes),
             "download_bytes": sum(nbytes(p) for _, p in jobs),
         }
+        row.update(self.dynamics(previous, state))
         t2 = time.perf_counter()
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             row.update(self.evaluate(state, head))
         if exp.policy.needs_scores_after_round == rnd:
-            scores = self.runtime.validate(exp.method.global_factors(state), head, range(cfg.clients.count))
+            scores = self.runtime.validate(exp.method.global_factors(state),
+                                           exp.heads.for_rank(head, exp.policy.global_rank), range(cfg.clients.count))
             exp.policy.observe_scores(scores)
         t3 = time.perf_counter()
         row.update(train_s=t1 - t0, aggregate_s=t2 - t1, eval_s=t3 - t2)
@@ -221,6 +252,7 @@ class Server:
             "global_rank": exp.policy.global_rank,
             "tiers": exp.policy.tiers,
         }
-        exp.model.export(self.files.adapter, exp.method.global_factors(state), head, exp.fresh_base)
+        exp.model.export(self.files.adapter, exp.method.global_factors(state),
+                         exp.heads.for_rank(head, exp.policy.global_rank), exp.fresh_base)
         checkpoint.atomic_write(self.files.summary, json.dumps(summary, indent=2).encode())
         return summary
