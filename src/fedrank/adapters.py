@@ -9,6 +9,8 @@ Factors cross this module's boundary in the *shared* convention ``ΔW = s·B·A`
 
 Base weights of the adapted layers are rewritten from a pristine copy ``W0`` on every
 change (``W = W0 + s Σ B_f A_f`` for folded factors), so nothing drifts across clients.
+
+The model may live on any device; factors and head tensors leave this module as CPU fp32.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from fedrank.config import ConfigError
+from fedrank.export import CARD
 
 Factors = dict[str, tuple[Tensor, Tensor]]
 
@@ -46,6 +50,26 @@ def peft_scaling(policy: str, scale: float, rank: int, global_rank: int) -> floa
     raise ConfigError(f"unknown model.scaling `{policy}`: use one of {', '.join(SCALINGS)}")
 
 
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct names (last component) of the model's Linear modules: what ``model.target_modules`` can name."""
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+
+
+def default_lora_targets(model: PreTrainedModel) -> list[str]:
+    """PEFT's default LoRA targets for the model's architecture (``config.model_type``)."""
+    model_type = getattr(model.config, "model_type", None)
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not targets:
+        raise ConfigError(f"PEFT has no default LoRA targets for model type `{model_type}`: set model.target_modules "
+                          f"to some of its Linear modules ({', '.join(linear_module_names(model))})")
+    return list(targets)
+
+
+def _to_cpu(t: Tensor) -> Tensor:
+    """A detached CPU fp32 copy: what crosses the wire whatever the model's device."""
+    return t.detach().to("cpu", torch.float32, copy=True)
+
+
 def lora_config(rank: int, scale: float, target_modules: Sequence[str], dropout: float,
                 policy: str = "shared", global_rank: int | None = None, **extra) -> LoraConfig:
     """A PEFT LoraConfig whose scaling is ``peft_scaling(policy, ...)`` for this rank."""
@@ -65,9 +89,13 @@ class AdaptedModel:
         self.target_modules, self.global_rank = list(target_modules), global_rank
         peft_scaling(scaling, scale, 1, 1)  # validate the policy name early
         self.head_names = [n for n, _ in model.named_parameters() if any(f".{h}." in f".{n}" for h in head_modules)]
-        first = self._config(1)
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in self.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            raise ConfigError(f"model.target_modules {missing} not found in the model: its Linear modules are "
+                              f"{', '.join(linear_module_names(model))}")
         try:
-            self.peft: PeftModel = get_peft_model(model, first, adapter_name="r1")
+            self.peft: PeftModel = get_peft_model(model, self._config(1), adapter_name="r1")
         except ValueError as err:
             raise ConfigError(f"cannot apply LoRA to model.target_modules={self.target_modules}: {err}") from None
         self.layers: dict[str, nn.Module] = {
@@ -114,9 +142,9 @@ class AdaptedModel:
                 mod.lora_B[name].weight.copy_(B * ratio)
 
     def get_factors(self) -> Factors:
-        """The active adapter's factors in the shared convention (detached copies)."""
+        """The active adapter's factors in the shared convention (CPU fp32 copies)."""
         name, ratio = f"r{self.rank}", self._factor_ratio(self.rank)
-        return {layer: (mod.lora_A[name].weight.detach().clone(), mod.lora_B[name].weight.detach().clone() / ratio)
+        return {layer: (_to_cpu(mod.lora_A[name].weight), _to_cpu(mod.lora_B[name].weight) / ratio)
                 for layer, mod in self.layers.items()}
 
     def trainable(self, train_A: bool = True) -> tuple[list[Tensor], list[Tensor]]:
@@ -135,7 +163,8 @@ class AdaptedModel:
     # ----------------------------------------------------------------- head
 
     def get_head(self) -> dict[str, Tensor]:
-        return {n: p.detach().clone() for n, p in self.head_params.items()}
+        """The head's parameters (CPU fp32 copies)."""
+        return {n: _to_cpu(p) for n, p in self.head_params.items()}
 
     def set_head(self, head: dict[str, Tensor]) -> None:
         with torch.no_grad():
@@ -172,17 +201,21 @@ class AdaptedModel:
     def export(self, folder: Path, factors: Factors, head: dict[str, Tensor],
                fresh_base: Callable[[], PreTrainedModel]) -> None:
         """Save the global adapter with PEFT's own ``save_pretrained`` (adapter_config.json +
-        adapter_model.safetensors) on a fresh copy of the base model.
+        adapter_model.safetensors) on a fresh CPU copy of the base model, so the files are CPU fp32
+        whatever the training device.
 
         Rank = the largest layer rank (smaller layers are zero-padded: ``B·A`` unchanged); the task
         head travels as ``modules_to_save`` (none for causal LMs, whose adapter has PEFT task_type
-        CAUSAL_LM).  Load it with ``PeftModel.from_pretrained(base, folder)``.
+        CAUSAL_LM).  Load it with ``PeftModel.from_pretrained(base, folder)``.  The base model's
+        training card (``fedrank.export.CARD``), if it has one, becomes the folder's README.md.
         """
         rank = max(1, max(A.shape[0] for A, _ in factors.values()))
         extra = {"task_type": self.task_type} if self.task_type else {}
         config = lora_config(rank, self.scale, self.target_modules, 0.0, "shared",
                              modules_to_save=self.head_modules or None, **extra)
-        peft = get_peft_model(fresh_base(), config)
+        base = fresh_base().cpu()
+        card = getattr(base, CARD, None)
+        peft = get_peft_model(base, config)
         params = dict(peft.named_parameters())
         with torch.no_grad():
             for layer, (A, B) in factors.items():
@@ -192,4 +225,7 @@ class AdaptedModel:
             for name, t in head.items():
                 module, leaf = name.rsplit(".", 1)
                 params[f"base_model.model.{module}.modules_to_save.default.{leaf}"].copy_(t)
-        peft.save_pretrained(str(folder))
+        if card:  # PEFT's save_pretrained adds its metadata to an existing README.md
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "README.md").write_text(card)
+        peft.save_pretrained(str(folder), save_embedding_layers=False)  # LoRA never trains embeddings

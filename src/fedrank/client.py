@@ -1,7 +1,9 @@
 """One client's side of a round: build the local adapter, train it, upload; and evaluation.
 
 The payload a client receives is the method's tensors plus the task head under ``head/``;
-a reply carries the method's upload plus the trained head under ``head/``.
+a reply carries the method's upload plus the trained head under ``head/``, in the wire dtype
+the payload came in (``fedrank.wire``).  Training and evaluation run on the task's device and
+precision (``fedrank.compute``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedrank import wire
 from fedrank.adapters import AdaptedModel
 from fedrank.config import TrainConfig
 from fedrank.methods import Method, Reply, Task, Tensors
@@ -75,7 +78,7 @@ class FedClient:
 
     def fit(self, task: Task, payload: Tensors) -> tuple[Reply, dict[str, float]]:
         """Build the local adapter from the payload, train it, return the upload and training stats."""
-        received, head = split_head(payload)
+        received, head = split_head(wire.decode(payload))
         start = self.method.local_start(received, task)
         model = self.model
         model.use_rank(task.rank)
@@ -84,7 +87,8 @@ class FedClient:
         model.set_head(head)
         loss = self._train(task, start.train_A, train_head=bool(head))
         trained = model.get_factors()
-        upload = with_head(self.method.upload(start, trained, task), model.get_head() if head else {})
+        upload = wire.encode(with_head(self.method.upload(start, trained, task), model.get_head() if head else {}),
+                             wire.dtype_of(payload))
         model.set_base(None)
         return Reply(task, float(len(self.data[task.client].train)), upload), {"train_loss": loss}
 
@@ -113,14 +117,19 @@ class FedClient:
         gen = task_generator(self.seed, task, "batches")
         torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))  # dropout
         order = batch_order(len(data), cfg.batch_size, gen)
+        compute = self.task.compute
+        scaler = compute.scaler()  # fp16 only: scales the loss so small gradients survive, skips overflowed steps
         model.peft.train()
         total = 0.0
         for _ in range(steps):
-            loss = self.task.loss(model.peft, collate(data, next(order), self.pad_id))
-            loss.backward()
+            with compute.autocast():
+                loss = self.task.loss(model.peft, compute.to(collate(data, next(order), self.pad_id)))
+            scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(lora + head, cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
             total += loss.item()

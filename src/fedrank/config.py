@@ -91,6 +91,8 @@ class TrainConfig:
                             choices=("constant", "cosine", "linear"))
     warmup_steps: int = _opt(0, "linear warmup steps at the start of each local run", min=0)
     grad_clip: float = _opt(1.0, "gradient norm clip (0 = off)", min=0.0)
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass instead of storing them "
+                                        "(less memory, more compute; transformers' non-reentrant checkpointing)")
 
 
 @dataclass
@@ -117,6 +119,12 @@ class ServerConfig:
 
 
 @dataclass
+class CommConfig:
+    dtype: str = _opt("fp32", "dtype of the tensors sent each way (payloads and uploads): fp32 | bf16 | fp16; the "
+                      "server casts replies back and aggregates in fp32", choices=("fp32", "bf16", "fp16"))
+
+
+@dataclass
 class FaultsConfig:
     drop_fraction: float = _opt(0.0, "local runtime: chance a sampled client never replies (seeded)", min=0.0, max=1.0)
     fail_fraction: float = _opt(0.0, "local runtime: chance a client crashes during training (seeded)", min=0.0, max=1.0)
@@ -136,6 +144,11 @@ class Config:
     runtime: str = _opt("local", "local (in-process) | flower (Flower simulation engine)")
     runtime_timeout_s: float = _opt(600.0, "flower runtime: seconds a round waits for replies before closing", min=1.0)
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)", min=0)
+    device: str = _opt("auto", "where the model trains and evaluates: auto (CUDA if present, else CPU) | cpu | cuda | "
+                       "cuda:N | mps; what is sent, checkpointed and exported is CPU fp32 regardless")
+    precision: str = _opt("fp32", "autocast precision of forward and backward passes: fp32 | bf16 | fp16 (with a loss "
+                          "scaler); LoRA factors, head, optimizer state and aggregation stay fp32",
+                          choices=("fp32", "bf16", "fp16"))
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     ranks: RanksConfig = field(default_factory=RanksConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +157,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
 
 
 # --------------------------------------------------------------------------- loading

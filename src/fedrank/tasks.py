@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -27,11 +27,15 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 from peft import PeftModel
+from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fedrank.adapters import default_lora_targets
+from fedrank.compute import Compute
 from fedrank.config import ConfigError
-from fedrank.data import Splits, TextDataset, load_splits
+from fedrank.data import Splits, TextDataset, load_splits, utf8_lines
+from fedrank.export import CARD, training_card
 
 if TYPE_CHECKING:
     from fedrank.config import Config
@@ -102,18 +106,19 @@ def classification_metrics(confusion: Tensor, loss_sum: float, n: int) -> dict[s
     }
 
 
-def score_classes(scores: Callable[[dict[str, Tensor]], Tensor], data: Encoded, batch_size: int, pad_id: int,
+def score_classes(scores: Callable[[dict[str, Tensor]], Tensor], batches: Iterator[dict[str, Tensor]], n: int,
                   k: int) -> dict[str, float]:
-    """Accuracy, macro-F1 and cross-entropy of per-class ``scores(batch)`` (logits) over ``data``."""
+    """Accuracy, macro-F1 and cross-entropy of per-class ``scores(batch)`` (logits) over the ``n`` examples of
+    ``batches``; the loss is computed in fp32 whatever the autocast precision."""
     confusion = torch.zeros(k, k, dtype=torch.long)
     loss_sum = 0.0
-    for indices in length_sorted_batches(data, batch_size):
-        batch = collate(data, indices, pad_id)
-        logits = scores(batch)
-        loss_sum += F.cross_entropy(logits, batch["labels"]).item() * len(indices)
-        pred = logits.argmax(-1)
-        confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
-    return classification_metrics(confusion, loss_sum, len(data))
+    for batch in batches:
+        logits = scores(batch).float()
+        labels = batch["labels"]
+        loss_sum += F.cross_entropy(logits, labels).item() * len(labels)
+        pred = logits.argmax(-1).cpu()
+        confusion.index_put_((labels.cpu(), pred), torch.ones_like(pred), accumulate=True)
+    return classification_metrics(confusion, loss_sum, n)
 
 
 # --------------------------------------------------------------------------- causal LM pieces
@@ -139,7 +144,7 @@ def answer_nll(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]
     """
     h, head = hidden_states(model, batch)
     target = batch["loss_mask"][:, 1:]
-    logits = head(h[:, :-1][target])
+    logits = head(h[:, :-1][target]).float()
     return F.cross_entropy(logits, batch["input_ids"][:, 1:][target], reduction="sum"), int(target.sum())
 
 
@@ -153,21 +158,27 @@ def answer_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 class LearningTask:
-    """What a run trains the model to do.  Subclasses set the class attributes and methods."""
+    """What a run trains the model to do.  Subclasses set the class attributes and methods.
+
+    ``compute`` (the config's ``device`` and ``precision``) is where the task's model lives and how its forward
+    passes run; without a config it is CPU fp32.
+    """
 
     name: ClassVar[str]
     causal: ClassVar[bool]
     peft_task_type: ClassVar[str | None]  # PEFT task_type of the exported adapter
-    default_targets: ClassVar[tuple[str, ...]]
-    default_heads: ClassVar[tuple[str, ...]]
-    score_key: ClassVar[str]  # the validation score (higher is better) of `score`
+    score_key: ClassVar[str]  # the metric behind `score`
 
     def __init__(self, cfg: Config | None = None) -> None:
         self.cfg = cfg
+        self.compute = Compute.of(cfg.device, cfg.precision) if cfg else Compute()
+        self.default_targets: list[str] = []  # set by `load_model` from the model's architecture
+        self.default_heads: list[str] = []
 
     # -- configuration
     @property
     def target_modules(self) -> list[str]:
+        """``model.target_modules``, or PEFT's default LoRA targets for the loaded model's architecture."""
         return list(self.cfg.model.target_modules if self.cfg and self.cfg.model.target_modules
                     else self.default_targets)
 
@@ -180,7 +191,29 @@ class LearningTask:
         return load_splits(self.cfg.data, self.cfg.seed)
 
     def load_model(self, label_names: Sequence[str]) -> LoadedModel:
+        """The task's model on ``compute.device``, checked against ``train.max_length``, with gradient
+        checkpointing when asked for; it remembers its architecture's default LoRA targets and head."""
+        loaded = self._load(label_names)
+        model, cfg = loaded.model, self.cfg
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and cfg.train.max_length > positions:
+            raise ConfigError(f"train.max_length={cfg.train.max_length} exceeds the {positions} positions of model "
+                              f"`{cfg.model.name}`: set train.max_length ≤ {positions}")
+        if not cfg.model.target_modules:
+            self.default_targets = default_lora_targets(model)
+        self.default_heads = self.heads_of(model)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        setattr(model, CARD, training_card(cfg, label_names, self.target_modules))
+        model.to(self.compute.device)
+        return loaded
+
+    def _load(self, label_names: Sequence[str]) -> LoadedModel:
         raise NotImplementedError
+
+    def heads_of(self, model: nn.Module) -> list[str]:
+        """The model's modules that form the task head (trained in full)."""
+        return []
 
     def encode(self, dataset: TextDataset) -> Encoded:
         raise NotImplementedError
@@ -189,8 +222,20 @@ class LearningTask:
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def batches(self, data: Encoded, batch_size: int, pad_id: int) -> Iterator[dict[str, Tensor]]:
+        """Evaluation batches of similar length, on the device."""
+        for indices in length_sorted_batches(data, batch_size):
+            yield self.compute.to(collate(data, indices, pad_id))
+
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
                  num_labels: int | None = None) -> dict[str, float]:
+        """The task's metrics of ``model`` (on ``compute.device``) over ``data``, under autocast."""
+        with self.compute.autocast():
+            return self.metrics(model, data, batch_size, pad_id, num_labels)
+
+    def metrics(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
+                num_labels: int | None) -> dict[str, float]:
         raise NotImplementedError
 
     def score(self, metrics: dict[str, float]) -> float:
@@ -201,15 +246,18 @@ class LearningTask:
 class Classify(LearningTask):
     """Sequence classification with an encoder and a fresh classifier head (the original path)."""
 
-    name, causal, peft_task_type = "classify", False, None
-    default_targets, default_heads, score_key = ("query", "value"), ("classifier",), "accuracy"
+    name, causal, peft_task_type, score_key = "classify", False, None, "accuracy"
 
-    def load_model(self, label_names: Sequence[str]) -> LoadedModel:
+    def _load(self, label_names: Sequence[str]) -> LoadedModel:
         from fedrank.models import load_classifier
 
         loaded = load_classifier(self.cfg.model.name, len(label_names), self.cfg.seed)
         self.tokenizer, self.num_labels = loaded.tokenizer, len(label_names)
         return loaded
+
+    def heads_of(self, model: nn.Module) -> list[str]:
+        """The classification head: ``classifier`` (encoders) or ``score`` (causal LMs), as PEFT names them."""
+        return [name for name in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
     def encode(self, dataset: TextDataset) -> Encoded:
         ids = self.tokenizer(list(dataset.texts), truncation=True, max_length=self.cfg.train.max_length)["input_ids"]
@@ -221,18 +269,17 @@ class Classify(LearningTask):
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return F.cross_entropy(self.logits(model, batch), batch["labels"])
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
-                 num_labels: int | None = None) -> dict[str, float]:
+    def metrics(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
+                num_labels: int | None) -> dict[str, float]:
         k = num_labels or getattr(self, "num_labels", None) or max(data.labels, default=0) + 1
-        return score_classes(lambda batch: self.logits(model, batch), data, batch_size, pad_id, k)
+        return score_classes(lambda batch: self.logits(model, batch), self.batches(data, batch_size, pad_id),
+                             len(data), k)
 
 
 class CausalTask(LearningTask):
     causal, peft_task_type = True, "CAUSAL_LM"
-    default_targets, default_heads = ("q_proj", "v_proj"), ()
 
-    def load_model(self, label_names: Sequence[str]) -> LoadedModel:
+    def _load(self, label_names: Sequence[str]) -> LoadedModel:
         from fedrank.models import load_causal_lm
 
         loaded = load_causal_lm(self.cfg.model.name, self.cfg.seed)
@@ -296,35 +343,36 @@ class GenerateLabel(CausalTask):
         one forward pass per label, with ``lm_head`` applied at the answer positions only.
         """
         starts = batch["starts"]
-        rows = torch.arange(len(starts))
+        device = starts.device
+        rows = torch.arange(len(starts), device=device)
         if self.first_token_scoring:  # causal attention: the answer tokens cannot affect the prompt's states
             h, head = hidden_states(model, batch)
             last = h[rows, starts - 1]
-            first = torch.tensor([c[0] for c in self.candidates])
+            first = torch.tensor([c[0] for c in self.candidates], device=device)
             bias = head.bias[first] if getattr(head, "bias", None) is not None else 0.0
             return last @ head.weight[first].T + bias
         scores = []
         for cand in self.candidates:
             L = len(cand)
             width = int(starts.max()) + L
-            ids = torch.zeros(len(starts), width, dtype=torch.long)
+            answer = torch.tensor(cand, device=device)
+            ids = torch.zeros(len(starts), width, dtype=torch.long, device=device)
             att = torch.zeros_like(ids)
             for b, s in enumerate(starts.tolist()):
                 ids[b, :s] = batch["input_ids"][b, :s]
-                ids[b, s : s + L] = torch.tensor(cand)
+                ids[b, s : s + L] = answer
                 att[b, : s + L] = 1
             h, head = hidden_states(model, {"input_ids": ids, "attention_mask": att})
-            pos = starts[:, None] - 1 + torch.arange(L)[None, :]  # positions predicting the answer tokens
-            logp = F.log_softmax(head(h[rows[:, None], pos]), -1)
-            scores.append(logp.gather(-1, torch.tensor(cand).expand(len(starts), L)[..., None]).squeeze(-1).sum(-1))
+            pos = starts[:, None] - 1 + torch.arange(L, device=device)[None, :]  # positions predicting the answer
+            logp = F.log_softmax(head(h[rows[:, None], pos]).float(), -1)
+            scores.append(logp.gather(-1, answer.expand(len(starts), L)[..., None]).squeeze(-1).sum(-1))
         return torch.stack(scores, -1)
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
-                 num_labels: int | None = None) -> dict[str, float]:
+    def metrics(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
+                num_labels: int | None) -> dict[str, float]:
         """Accuracy and macro-F1 of the most likely label word; loss = cross-entropy over the labels' scores."""
-        return score_classes(lambda batch: self.label_scores(model, batch), data, batch_size, pad_id,
-                             len(self.candidates))
+        return score_classes(lambda batch: self.label_scores(model, batch), self.batches(data, batch_size, pad_id),
+                             len(data), len(self.candidates))
 
 
 @dataclass(frozen=True)
@@ -345,19 +393,18 @@ def load_pairs(path: Path, prompt_field: str, response_field: str, test_fraction
         raise ConfigError(f"instruct data {path} not found: pass an existing .jsonl file of prompt/response "
                           "records as data.dataset")
     prompts, responses = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path} line {lineno} is not valid JSON ({err.msg}): fix or remove it") from None
-            for key, name in (("prompt_field", prompt_field), ("response_field", response_field)):
-                if not isinstance(record, dict) or not isinstance(record.get(name), str):
-                    raise ConfigError(f"{path} line {lineno} has no string field `{name}`: set data.{key}")
-            prompts.append(record[prompt_field])
-            responses.append(record[response_field])
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} line {lineno} is not valid JSON ({err.msg}): fix or remove it") from None
+        for key, name in (("prompt_field", prompt_field), ("response_field", response_field)):
+            if not isinstance(record, dict) or not isinstance(record.get(name), str):
+                raise ConfigError(f"{path} line {lineno} has no string field `{name}`: set data.{key}")
+        prompts.append(record[prompt_field])
+        responses.append(record[response_field])
     n = len(prompts)
     if n < 2:
         raise ConfigError(f"{path} has {n} record(s): an instruct run needs at least 2")
@@ -373,7 +420,7 @@ def load_pairs(path: Path, prompt_field: str, response_field: str, test_fraction
 class Instruct(CausalTask):
     """Supervised fine-tuning on prompt/response pairs in the model's chat template."""
 
-    name, score_key = "instruct", "neg_loss"
+    name, score_key = "instruct", "loss"
 
     def load_data(self) -> Splits:
         d = self.cfg.data
@@ -400,16 +447,19 @@ class Instruct(CausalTask):
             starts.append(len(p))
         return Encoded(ids, list(dataset.labels), starts, self)
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
-                 num_labels: int | None = None) -> dict[str, float]:
+    def metrics(self, model: nn.Module, data: Encoded, batch_size: int, pad_id: int,
+                num_labels: int | None) -> dict[str, float]:
         """Mean negative log-likelihood per response token over the whole split, and its perplexity."""
         total, count = 0.0, 0
-        for indices in length_sorted_batches(data, batch_size):
-            nll, n = answer_nll(model, collate(data, indices, pad_id))
+        for batch in self.batches(data, batch_size, pad_id):
+            nll, n = answer_nll(model, batch)
             total, count = total + nll.item(), count + n
         loss = total / max(1, count)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "neg_loss": -loss, "tokens": count}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+    def score(self, metrics: dict[str, float]) -> float:
+        """Minus the loss: a lower loss is a better client."""
+        return -metrics["loss"]
 
 
 TASKS: dict[str, type[LearningTask]] = {t.name: t for t in (Classify, GenerateLabel, Instruct)}

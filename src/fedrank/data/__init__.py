@@ -1,7 +1,7 @@
 """Datasets (packaged BBC News, JSONL/CSV files, Hugging Face datasets) and client partitions."""
 
 from fedrank.data.partition import QualityPartitioner, high_quality_clients, local_split, partition
-from fedrank.data.sources import Splits, TextDataset, load_splits
+from fedrank.data.sources import Splits, TextDataset, load_splits, utf8_lines
 
 __all__ = [
     "QualityPartitioner",
@@ -11,4 +11,5 @@ __all__ = [
     "load_splits",
     "local_split",
     "partition",
+    "utf8_lines",
 ]

@@ -193,26 +193,35 @@ def _check_example(text: Any, label: Any, cfg: DataConfig, where: str) -> str:
     return text.strip()
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file; ConfigError naming the first line that is not UTF-8."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where} is not valid JSON ({err.msg}): fix or remove that line") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{where} is not a JSON object: write one {{...}} record per line")
-            yield where, record
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path} line {lineno} is not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                  f"{err.start + 1}): save the file as UTF-8") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where} is not valid JSON ({err.msg}): fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where} is not a JSON object: write one {{...}} record per line")
+        yield where, record
 
 
 def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for record in reader:
-            yield f"{path} line {reader.line_num}", record
+    reader = csv.DictReader(line for _, line in utf8_lines(path))
+    for record in reader:
+        yield f"{path} line {reader.line_num}", record
 
 
 def _file_splits(path: Path, cfg: DataConfig, seed: int) -> Splits:

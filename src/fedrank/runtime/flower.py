@@ -16,7 +16,8 @@ Wire format (one message per job):
   training stats.
 
 Node mapping: a node with ``node_config`` ``partition-id=i num-partitions=N`` serves the
-fedrank clients ``c`` with ``c % N == i``.  Client sampling stays fedrank's own seeded
+fedrank clients ``c`` with ``c % N == i``; ``device='cuda:1'`` in its node config makes it
+train and evaluate on that device instead of the run config's ``device``.  Client sampling stays fedrank's own seeded
 sampling (``Server.round``); Flower's sampling is never used.
 
 Faults: a round waits at most ``timeout_s`` (constructor argument, default the config's
@@ -57,6 +58,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
+from fedrank import wire  # noqa: E402
 from fedrank.client import FedClient, split_head, with_head  # noqa: E402
 from fedrank.config import Config, ConfigError, load_config, to_dict  # noqa: E402
 from fedrank.methods import Reply, Task, Tensors  # noqa: E402
@@ -85,11 +87,12 @@ def config_from_text(text: str) -> Config:
 
 
 def to_record(tensors: Tensors) -> ArrayRecord:
-    return ArrayRecord.from_torch_state_dict({k: v.detach().contiguous() for k, v in tensors.items()})
+    return ArrayRecord.from_torch_state_dict({k: v.detach().contiguous()
+                                              for k, v in wire.as_numpy_safe(tensors).items()})
 
 
 def from_record(record: ArrayRecord) -> Tensors:
-    return {k: t.clone() for k, t in record.to_torch_state_dict().items()}
+    return wire.from_numpy_safe({k: t.clone() for k, t in record.to_torch_state_dict().items()})
 
 
 def task_record(task: Task, config: str) -> ConfigRecord:
@@ -217,16 +220,24 @@ _LOCK = threading.Lock()
 _RUN_LOCK = threading.Lock()  # one model per process: messages handled in threads take turns
 
 
-def cached_client(config: str) -> FedClient:
-    """This process's ``FedClient`` for a config (built once: model, data and method)."""
-    key = hashlib.sha256(config.encode()).hexdigest()
+def cached_client(config: str, device: str = "") -> FedClient:
+    """This process's ``FedClient`` for a config (built once: model, data and method), on ``device`` when given
+    (a SuperNode's own choice), else on the config's."""
+    key = hashlib.sha256(f"{device}\n{config}".encode()).hexdigest()
     with _LOCK:
         if key not in _CLIENTS:
             from fedrank.experiment import build
 
             _CLIENTS.clear()
-            _CLIENTS[key] = build(config_from_text(config)).client
+            cfg = config_from_text(config)
+            cfg.device = device or cfg.device
+            _CLIENTS[key] = build(cfg).client
         return _CLIENTS[key]
+
+
+def node_client(msg: Message, context: Context) -> FedClient:
+    """The client for a message's config on this node's ``device`` (node config), if it names one."""
+    return cached_client(str(msg.content["task"]["config"]), str(context.node_config.get("device", "")))
 
 
 def _maybe_fault(task: Task) -> None:
@@ -250,7 +261,7 @@ client_app = ClientApp()
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
     task = record_task(msg.content["task"])
-    client = cached_client(str(msg.content["task"]["config"]))
+    client = node_client(msg, context)
     _maybe_fault(task)
     with _RUN_LOCK:
         reply, stats = client.fit(task, from_record(msg.content["tensors"]))
@@ -261,7 +272,7 @@ def _train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
     task = record_task(msg.content["task"])
-    client = cached_client(str(msg.content["task"]["config"]))
+    client = node_client(msg, context)
     received, head = split_head(from_record(msg.content["tensors"]))
     with _RUN_LOCK:
         acc = client.validate(task.client, unpack(received), head)

@@ -1,0 +1,149 @@
+"""Mixed precision (`precision`) and the wire dtype (`comm.dtype`), all on CPU.
+
+bf16 and fp32 runs of a tiny config both learn; a bf16 run is deterministic; fp16 trains through a
+loss scaler; LoRA factors, head and everything checkpointed or exported stay fp32; `comm.dtype`
+changes what is sent (and counted) but the server aggregates in fp32.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedrank import wire
+from fedrank.cli import execute
+from fedrank.client import split_head
+from fedrank.compute import Compute
+from fedrank.config import load_config
+from fedrank.data import load_splits
+from fedrank.experiment import build, eval_subset
+from fedrank.methods import Task
+from fedrank.runtime import flower
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_run import adapter, metrics, untimed  # noqa: E402
+
+LEARN = [  # small, but enough steps that the global model beats the majority class
+    "rounds=3", "clients.count=2", "clients.per_round=2", "train.local_steps=6", "train.batch_size=8",
+    "train.max_length=32", "train.lr=5e-3", "ranks.values=[4,8]", "eval.max_examples=64", "eval.final_full=false",
+    "data.max_train_examples=200", "data.partition=iid", "threads=1", "device=cpu",
+]
+
+
+def run(out: Path, *overrides: str) -> Path:
+    execute(load_config(None, LEARN + list(overrides)), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run(tmp_path_factory.mktemp("fp32"))
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run(tmp_path_factory.mktemp("bf16"), "precision=bf16")
+
+
+def majority_rate() -> float:
+    cfg = load_config(None, LEARN)
+    labels = eval_subset(load_splits(cfg.data, cfg.seed).test, cfg.eval.max_examples, cfg.seed).labels
+    return max(Counter(labels).values()) / len(labels)
+
+
+def assert_all_fp32(out: Path) -> None:
+    """The last checkpoint and the exported adapter hold only CPU fp32 tensors."""
+    ckpt = sorted((out / "checkpoints").glob("round-*.safetensors"))[-1]
+    for tensors in (load_file(str(ckpt)), adapter(out)):
+        assert tensors and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors.values())
+
+
+@pytest.mark.parametrize("which", ["fp32_run", "bf16_run"])
+def test_fp32_and_bf16_runs_both_learn(which: str, request: pytest.FixtureRequest) -> None:
+    rows = metrics(request.getfixturevalue(which))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["accuracy"] > majority_rate() + 0.2
+
+
+def test_bf16_differs_from_fp32_but_keeps_everything_stored_in_fp32(fp32_run: Path, bf16_run: Path) -> None:
+    losses = [[r["loss"] for r in metrics(out)] for out in (fp32_run, bf16_run)]
+    assert losses[0] != losses[1]  # autocast is really on ...
+    assert losses[1] == pytest.approx(losses[0], abs=0.05)  # ... and close to fp32
+    assert_all_fp32(bf16_run)
+
+
+def test_same_seed_bf16_runs_are_identical(bf16_run: Path, tmp_path: Path) -> None:
+    again = run(tmp_path, "precision=bf16")
+    assert untimed(metrics(again)) == untimed(metrics(bf16_run))
+    first, second = adapter(bf16_run), adapter(again)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_autocast_computes_in_low_precision_but_parameters_and_gradients_stay_fp32() -> None:
+    layer = torch.nn.Linear(8, 4)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        compute = Compute(torch.device("cpu"), precision)
+        with compute.autocast():
+            out = layer(torch.randn(2, 8))
+        assert out.dtype == dtype
+        out.float().sum().backward()
+        assert layer.weight.dtype == layer.weight.grad.dtype == torch.float32
+        assert compute.scaler().is_enabled() is (precision == "fp16")
+        layer.zero_grad()
+
+
+def test_fp16_trains_through_a_loss_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, LEARN + ["precision=fp16", "train.local_steps=2", "train.batch_size=2",
+                                     "train.max_length=16", "data.max_train_examples=40"])
+    exp = build(cfg)
+    scalers: list[torch.amp.GradScaler] = []
+    real = Compute.scaler
+
+    def spy(self: Compute) -> torch.amp.GradScaler:
+        scalers.append(real(self))
+        return scalers[-1]
+
+    monkeypatch.setattr(Compute, "scaler", spy)
+    task = Task(0, 4, 1)
+    payload = exp.method.payload(exp.method.init_state(), task)
+    reply, stats = exp.client.fit(task, payload)
+    assert len(scalers) == 1 and scalers[0].is_enabled() and scalers[0].get_scale() > 1
+    assert torch.isfinite(torch.tensor(stats["train_loss"]))
+    upload, _ = split_head(reply.tensors)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in upload.values())
+    assert any(not torch.equal(upload[k], payload[k]) for k in upload if k.endswith("#B"))  # it trained
+    assert all(p.dtype == torch.float32 for p in exp.model.peft.parameters())
+
+
+# --------------------------------------------------------------------------- comm.dtype
+
+
+def test_comm_bf16_halves_the_bytes_sent_and_the_server_keeps_fp32(fp32_run: Path, tmp_path: Path) -> None:
+    out = run(tmp_path, "comm.dtype=bf16")
+    full, half = metrics(fp32_run), metrics(out)
+    for a, b in zip(full, half):
+        assert (b["upload_bytes"], b["download_bytes"]) == (a["upload_bytes"] // 2, a["download_bytes"] // 2)
+    assert half[-1]["accuracy"] > majority_rate() + 0.2
+    assert_all_fp32(out)
+    assert load_config(out / "config.toml").comm.dtype == "bf16"
+
+
+def test_wire_casts_floats_only_and_round_trips() -> None:
+    tensors = {"x#A": torch.randn(3, 4), "x#B": torch.randn(5, 3), "modules": torch.tensor([2, 0, 1])}
+    for dtype, torch_dtype in wire.DTYPES.items():
+        sent = wire.encode(tensors, dtype)
+        assert sent["x#A"].dtype == sent["x#B"].dtype == torch_dtype and wire.dtype_of(sent) == dtype
+        assert torch.equal(sent["modules"], tensors["modules"])
+        back = wire.decode(sent)
+        assert back["x#A"].dtype == torch.float32
+        torch.testing.assert_close(back["x#A"], tensors["x#A"], rtol=1e-2, atol=1e-2)
+        # the Flower codec goes through NumPy, which has no bfloat16: still bit-exact
+        record = flower.from_record(flower.to_record(sent))
+        assert record.keys() == sent.keys() and all(
+            record[k].dtype == sent[k].dtype and torch.equal(record[k], sent[k]) for k in sent)
+    assert wire.dtype_of({"modules": torch.tensor([1])}) == "fp32"
