@@ -8,6 +8,7 @@ optimizer state and aggregation stay fp32.
 
 from __future__ import annotations
 
+import os
 import re
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -50,7 +51,14 @@ class Compute:
 
     @classmethod
     def of(cls, device: str, precision: str) -> Compute:
-        return cls(resolve_device(device), precision)
+        """The config's device and precision; on CUDA, deterministic kernels are requested so that the same seed
+        gives the same run (cuBLAS needs its workspace setting before its first use; ops without a deterministic
+        kernel warn)."""
+        resolved = resolve_device(device)
+        if resolved.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        return cls(resolved, precision)
 
     @property
     def dtype(self) -> torch.dtype | None:

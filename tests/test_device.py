@@ -1,0 +1,110 @@
+"""The `device` option: resolution and its one-line errors, runs on CUDA/MPS when present, and a Flower
+SuperNode's own device.  Tests that need a CUDA or MPS device skip without one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedrank import aggregation
+from fedrank.cli import app, execute
+from fedrank.compute import resolve_device
+from fedrank.config import ConfigError, load_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_run import TINY, adapter, metrics, untimed  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+MPS = torch.backends.mps.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+def one_line_error(args: list[str], tmp_path: Path) -> str:
+    result = CliRunner().invoke(app, ["run", *args, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    return result.output
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "CPU", "tpu", "cuda:0,1", ""])
+def test_bad_device_is_one_line_and_exit_2(name: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must be auto, cpu, cuda, cuda:N or mps"):
+        resolve_device(name)
+    assert "must be auto, cpu, cuda, cuda:N or mps" in one_line_error(["--set", f'device="{name}"'], tmp_path)
+
+
+def test_bad_precision_and_comm_dtype_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    assert "`precision` must be one of fp32, bf16, fp16" in one_line_error(["--set", "precision=fp8"], tmp_path)
+    assert "`comm.dtype` must be one of fp32, bf16, fp16" in one_line_error(["--set", "comm.dtype=int8"], tmp_path)
+
+
+def test_auto_and_cpu_resolve() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_a_clear_error(name: str, tmp_path: Path) -> None:
+    assert "sees no CUDA device on this machine: use device=cpu" in one_line_error(["--set", f"device={name}"], tmp_path)
+
+
+@pytest.mark.skipif(MPS, reason="this machine has MPS")
+def test_mps_without_mps_is_a_clear_error(tmp_path: Path) -> None:
+    assert "MPS is not available on this machine" in one_line_error(["--set", "device=mps"], tmp_path)
+
+
+@needs_cuda
+def test_cuda_index_out_of_range_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cuda", marks=needs_cuda),
+    pytest.param("mps", marks=pytest.mark.skipif(not MPS, reason="no MPS device")),
+])
+def test_a_run_on_an_accelerator_is_deterministic_and_stores_cpu_fp32(device: str, tmp_path: Path) -> None:
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        execute(load_config(None, TINY + [f"device={device}", "precision=bf16"]), out)
+    assert untimed(metrics(runs[0])) == untimed(metrics(runs[1]))
+    ckpt = load_file(str(sorted((runs[0] / "checkpoints").glob("round-*.safetensors"))[-1]))
+    for tensors in (ckpt, adapter(runs[0])):
+        assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors.values())
+
+
+@needs_cuda
+def test_aggregation_keeps_the_input_device_and_dtype() -> None:
+    for dtype in (torch.float32, torch.float64):
+        As = [torch.randn(r, 6, device="cuda", dtype=dtype) for r in (2, 4)]
+        Bs = [torch.randn(5, r, device="cuda", dtype=dtype) for r in (2, 4)]
+        outputs = [*aggregation.zero_pad(As, Bs, [1.0, 2.0], 4), *aggregation.replicate_pad(As, Bs, [1.0, 2.0], 4),
+                   *aggregation.flora_stack(As, Bs, [1.0, 2.0]),
+                   *[x for pair in aggregation.flexlora(As, Bs, [1.0, 2.0], [2, 4]) for x in pair]]
+        assert all(x.device.type == "cuda" and x.dtype == dtype for x in outputs)
+
+
+def test_a_supernode_picks_its_own_device_through_its_node_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedrank import experiment
+    from fedrank.runtime import flower
+
+    built: list[str] = []
+
+    def build(cfg):  # the client of a built experiment, here just the device it was built for
+        built.append(cfg.device)
+        return SimpleNamespace(client=cfg.device)
+
+    monkeypatch.setattr(experiment, "build", build)
+    monkeypatch.setattr(flower, "_CLIENTS", {})
+    config = flower.config_text(load_config(None, ["device=auto"]))
+    msg = SimpleNamespace(content={"task": {"config": config}})
+    assert flower.node_client(msg, SimpleNamespace(node_config={"device": "cpu"})) == "cpu"
+    assert flower.node_client(msg, SimpleNamespace(node_config={})) == "auto"  # the run config's device
+    assert flower.node_client(msg, SimpleNamespace(node_config={})) == "auto" and built == ["cpu", "auto"]  # cached
