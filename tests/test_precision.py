@@ -147,3 +147,23 @@ def test_wire_casts_floats_only_and_round_trips() -> None:
         assert record.keys() == sent.keys() and all(
             record[k].dtype == sent[k].dtype and torch.equal(record[k], sent[k]) for k in sent)
     assert wire.dtype_of({"modules": torch.tensor([1])}) == "fp32"
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+
+
+def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_training() -> None:
+    results = []
+    for checkpointing in (False, True):
+        exp = build(load_config(None, LEARN + ["train.local_steps=3", f"train.gradient_checkpointing={str(checkpointing).lower()}"]))
+        calls = []
+        inside = exp.model.peft.get_base_model().bert.encoder.layer[0].intermediate  # a module within a layer
+        inside.register_forward_hook(lambda *_: calls.append(1))
+        task = Task(0, 4, 1)
+        reply, stats = exp.client.fit(task, exp.method.payload(exp.method.init_state(), task))
+        results.append((len(calls), stats["train_loss"], reply.tensors))
+    (plain_calls, plain_loss, plain), (ckpt_calls, ckpt_loss, ckpt) = results
+    assert (plain_calls, ckpt_calls) == (3, 6)  # the backward pass ran the checkpointed layer again
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-6)
