@@ -92,8 +92,9 @@ def run(
             run_dir = _new_run_dir(cfg, config, out)
         summary = execute(cfg, run_dir, quiet)
     if not quiet:
-        console.print(f"final accuracy {summary.get('final_accuracy') or NAN:.4f} on {summary['final_eval_examples']} test "
-                      f"examples · outputs in {run_dir}")
+        accuracy = summary.get("final_accuracy")  # None for a task without accuracy; 0.0 is an accuracy
+        console.print(f"final accuracy {NAN if accuracy is None else accuracy:.4f} on {summary['final_eval_examples']} "
+                      f"test examples · outputs in {run_dir}")
 
 
 def execute(cfg: Config, run_dir: Path, quiet: bool = True, progress: Progress | None = None) -> dict[str, Any]:
