@@ -9,8 +9,12 @@
    matmul FLOP/s.  FLOPs per step are estimated from the Linear layers' weights (embedding lookups do no
    matmuls) as ``4 · N_frozen · tokens`` (forward plus the input-gradient half of backward; frozen weights
    get no weight gradient) plus ``6 · N_trainable · tokens``; attention's score products are left out.
+3. Hardware and precision: the device, the CPU and its flags that matter for low precision (AMX,
+   AVX-512 bf16/fp16), the matmul peak per dtype, and one MiniLM training step (the default job's
+   batch) per ``--precisions`` (autocast), with its FLOP/s as a share of the same dtype's peak.
 
     python benchmarks/federation.py [--rounds 3] [--steps 10] [--per-round 2] [--repeats 2]
+    python benchmarks/federation.py --parts hardware --precisions fp32,bf16,fp16
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from fedrank.cli import execute
 from fedrank.client import batch_order, evaluate
+from fedrank.compute import PRECISIONS, Compute
 from fedrank.tasks import collate
 from fedrank.config import load_config
 from fedrank.experiment import build
@@ -33,17 +38,88 @@ from fedrank.methods.base import task_generator
 from fedrank.server import sample_clients
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5, trials: int = 5) -> float:
-    """The best of ``trials`` timings of ``repeats`` fp32 n×n matmuls, in FLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_fp16", "avx512f", "avx512_bf16", "avx512_fp16")
+
+
+def best_seconds(fn, repeats: int, trials: int = 5) -> float:
+    """The best of ``trials`` timings of ``repeats`` calls of ``fn`` (after one warm-up call), per call."""
+    fn()
     best = float("inf")
     for _ in range(trials):
         start = time.perf_counter()
         for _ in range(repeats):
-            a @ b
+            fn()
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 * repeats / best
+    return best / repeats
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5, trials: int = 5, dtype: torch.dtype = torch.float32,
+                 device: torch.device = torch.device("cpu")) -> float:
+    """The best of ``trials`` timings of ``repeats`` n×n matmuls in ``dtype``, in FLOP/s."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+
+    def matmul() -> None:
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n**3 / best_seconds(matmul, repeats, trials)
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """(model name, the flags of ``CPU_FLAGS`` it has) from /proc/cpuinfo (empty where there is none)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU", []
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name", "unknown CPU"), [f for f in CPU_FLAGS if f in flags]
+
+
+def training_step_seconds(exp, compute: Compute, steps: int) -> tuple[float, int]:
+    """(best seconds per step, tokens per step) of fedrank's training step on one fixed batch under ``compute``'s
+    autocast."""
+    model, cfg = exp.model, exp.cfg
+    model.use_rank(8)
+    lora, head = model.trainable()
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.train.lr}, {"params": head, "lr": cfg.train.head_lr}])
+    data = exp.client.data[0].train
+    batch = compute.to(collate(data, list(range(cfg.train.batch_size)), exp.loaded.tokenizer.pad_token_id))
+    model.peft.train()
+
+    def step() -> None:
+        with compute.autocast():
+            loss = exp.client.task.loss(model.peft, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if compute.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    seconds = best_seconds(step, steps, trials=3)
+    model.peft.eval()
+    return seconds, int(batch["attention_mask"].sum())
+
+
+def hardware_and_precision(precisions: list[str], steps: int) -> None:
+    """Part 3: device, CPU flags, matmul peak per dtype, and one MiniLM training step per precision."""
+    exp = build(load_config(None, ["eval.final_full=false"]))
+    device = exp.task.compute.device
+    name, flags = cpu_description()
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"3. hardware and precision: device {device}{gpu}; CPU {name}, {torch.get_num_threads()} threads; "
+          f"flags: {', '.join(flags) or 'none of ' + ', '.join(CPU_FLAGS)}")
+    frozen, trainable = linear_weights(exp.model.peft)
+    for precision in precisions:
+        dtype = PRECISIONS[precision] or torch.float32
+        peak = matmul_flops(dtype=dtype, device=device)
+        seconds, tokens = training_step_seconds(exp, Compute(device, precision), steps)
+        achieved = (4 * frozen + 6 * trainable) * tokens / seconds
+        print(f"   {precision}: matmul peak {peak / 1e9:8.1f} GFLOP/s; MiniLM step ({exp.cfg.train.batch_size} × "
+              f"{tokens // exp.cfg.train.batch_size} tokens) {1e3 * seconds:7.1f} ms, {achieved / 1e9:6.1f} GFLOP/s "
+              f"= {100 * achieved / peak:.0f}% of the {precision} peak")
 
 
 def linear_weights(model: torch.nn.Module) -> tuple[int, int]:
@@ -120,7 +196,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="local steps per client per round")
     parser.add_argument("--per-round", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the best time of each is shown")
+    parser.add_argument("--parts", default="federation,hardware",
+                        help="comma-separated: federation (parts 1-2), hardware (part 3)")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help=f"part 3: comma-separated precisions to time ({', '.join(PRECISIONS)})")
     args = parser.parse_args()
+    parts = {p.strip() for p in args.parts.split(",")}
+    if "federation" in parts:
+        federation(args)
+    if "hardware" in parts:
+        hardware_and_precision([p.strip() for p in args.precisions.split(",")], args.steps)
+
+
+def federation(args: argparse.Namespace) -> None:
+    """Parts 1 and 2: federation overhead and local-training throughput."""
     overrides = [f"rounds={args.rounds}", f"train.local_steps={args.steps}", f"clients.per_round={args.per_round}",
                  "ranks.values=[8]", "eval.final_full=false"]
     cfg = load_config(None, overrides)
