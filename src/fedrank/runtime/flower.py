@@ -110,10 +110,14 @@ class FlowerRuntime:
     """The ``Runtime`` protocol over a Flower ``Grid``: one message per job, to the node serving its client."""
 
     def __init__(self, grid: Grid, cfg: Config, timeout_s: float | None = None,
-                 wait_nodes_s: float = 120.0, log: Callable[[str], None] = print) -> None:
+                 wait_nodes_s: float | None = None, log: Callable[[str], None] = print) -> None:
+        """``timeout_s``: how long a round waits for replies (default the config's ``runtime_timeout_s``);
+        ``wait_nodes_s``: how long the first round waits for the SuperNodes to answer (default ``timeout_s``:
+        on a loaded machine starting them is as slow as a round)."""
         self.grid, self.cfg, self.config = grid, cfg, config_text(cfg)
         self.timeout_s = cfg.runtime_timeout_s if timeout_s is None else timeout_s
-        self.wait_nodes_s, self.log = wait_nodes_s, log
+        self.wait_nodes_s = self.timeout_s if wait_nodes_s is None else wait_nodes_s
+        self.log = log
         self.partitions: dict[int, int] = {}  # partition id -> node id
         self.num_partitions = 0
 
@@ -310,7 +314,8 @@ def _main(grid: Grid, context: Context) -> None:
     files.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, files.config)
     exp = build(cfg)
-    runtime = FlowerRuntime(grid, cfg, timeout_s=timeout, wait_nodes_s=float(rc.get("wait-nodes-s", 120)))
+    wait_nodes = float(rc.get("wait-nodes-s", 0) or 0)  # 0: as long as a round (timeout)
+    runtime = FlowerRuntime(grid, cfg, timeout_s=timeout, wait_nodes_s=wait_nodes if wait_nodes > 0 else None)
     summary = Server(exp, runtime, files).run()
     print(f"fedrank: final accuracy {summary['final_accuracy']:.4f}; outputs in {out}")
 

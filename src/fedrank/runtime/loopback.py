@@ -216,14 +216,18 @@ class Deployment:
         return subprocess.run(["flwr", *args], env=self.env, cwd=self.work_dir, capture_output=True, text=True,
                               timeout=timeout)
 
-    def register(self, key: NodeKey) -> subprocess.CompletedProcess[str]:
-        """Allow a SuperNode key on the SuperLink (``flwr supernode register``); raises if refused."""
-        for attempt in range(3):  # the Control API may answer a moment after the port opens
-            done = self.flwr("supernode", "register", str(key.public), self.connection)
+    def register(self, key: NodeKey, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Allow a SuperNode key on the SuperLink (``flwr supernode register``); raises if still refused after
+        ``timeout`` seconds (the Control API may answer a while after the port opens on a loaded machine)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.flwr("supernode", "register", str(key.public), self.connection, timeout=max(timeout, 120))
             if done.returncode == 0:
                 return done
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flwr supernode register {key.public} failed for {timeout:.0f} s:\n"
+                                   f"{done.stdout}{done.stderr}")
             time.sleep(1.0)
-        raise RuntimeError(f"flwr supernode register {key.public} failed:\n{done.stdout}{done.stderr}")
 
     def supernodes(self) -> list[dict]:
         """The SuperNodes the SuperLink knows (``flwr supernode ls --format json``): node-id, status, ..."""
@@ -234,10 +238,14 @@ class Deployment:
         return list(data["nodes"])
 
     def wait_online(self, n: int, timeout: float = 60) -> list[dict]:
-        """Wait until ``n`` SuperNodes are online (``flwr supernode ls``); the online ones."""
+        """Wait until ``n`` SuperNodes are online (``flwr supernode ls``, retried while the Control API does
+        not answer yet); the online ones."""
         deadline = time.monotonic() + timeout
         while True:
-            online = [node for node in self.supernodes() if node.get("status") == "online"]
+            try:
+                online = [node for node in self.supernodes() if node.get("status") == "online"]
+            except RuntimeError:
+                online = []
             if len(online) >= n:
                 return online
             if time.monotonic() > deadline:
@@ -268,6 +276,7 @@ def loopback_deployment(work_dir: Path, num_nodes: int, *, tls: Certificates | N
     and give node ``i`` the private key ``auth[i]`` (``len(auth) >= num_nodes``).
     ``env``: the environment of every process (default: ``os.environ``); ``PATH`` gets the
     venv's bin, ``FLWR_HOME`` and ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` are set.
+    ``start_timeout``: seconds the SuperLink gets to open its port and then to accept each key registration.
     """
     if auth is not None and tls is None:
         raise ValueError("SuperNode authentication requires TLS (Flower refuses --enable-supernode-auth with --insecure)")
@@ -294,7 +303,7 @@ def loopback_deployment(work_dir: Path, num_nodes: int, *, tls: Certificates | N
         dep.start("superlink", *link)
         wait_for_port(port, start_timeout, dep.logs / "superlink.log")
         for key in auth or ():
-            dep.register(key)
+            dep.register(key, timeout=start_timeout)
         for i in range(num_nodes):
             dep.nodes.append(dep.start_supernode(f"supernode{i}", i, num_nodes,
                                                  key=None if auth is None else auth[i]))
