@@ -83,3 +83,14 @@ def assert_same_metrics(a: list[dict[str, Any]], b: list[dict[str, Any]], exampl
                 assert x[key] == pytest.approx(y[key], rel=LOSS_RTOL), (x["round"], key)
             else:
                 assert x[key] == y[key], (x["round"], key)
+
+
+def effect_gap(reference: Tensor, got: Tensor, base: Tensor) -> float:
+    """How far the outputs ``got`` are from ``reference``, relative to the adapter's effect on them
+    (``reference − base``, ``base`` being the outputs without the adapter)."""
+    return relative_gap(reference - base, got - base)
+
+
+def scaled_factors(factors: dict[str, tuple[Tensor, Tensor]], factor: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """A deliberately wrong variant of layer factors: every ``B·A`` scaled by ``factor``."""
+    return {layer: (A, B * factor) for layer, (A, B) in factors.items()}
