@@ -142,6 +142,11 @@ DiagnoseOption = Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zer
 DiagnoseSetOption = Annotated[list[str], typer.Option(
     "--diagnose-set", help="override a key for the diagnostic only (e.g. train.local_epochs=1: a full local epoch "
                            "as in the paper); implies --diagnose")]
+BaselineOption = Annotated[Optional[str], typer.Option(
+    help="add paired per-seed differences of every method against this one (e.g. zeropad), with paired tests")]
+HeadRefitOption = Annotated[int, typer.Option(
+    help="refit only the head of each run's final model by a linear probe on this many training examples and "
+         "report test accuracy before and after (0 = off)", min=0)]
 
 
 @app.command()
@@ -154,6 +159,8 @@ def compare(
     target: TargetOption = 0.8,
     diagnose: DiagnoseOption = False,
     diagnose_set: DiagnoseSetOption = [],
+    baseline: BaselineOption = None,
+    head_refit: HeadRefitOption = 0,
     jobs: Annotated[int, typer.Option(min=1, help="runs at a time, each in its own process; with threads=0 the "
                                                  "CPU cores are shared between them")] = 1,
 ) -> None:
@@ -179,7 +186,7 @@ def compare(
                         execute(run.cfg, run.folder, progress=bar)
                         bar.advance(overall)
         records = [load_run(r.folder) for r in runs]
-        path = _render(records, out, target, diagnose, diagnose_set)
+        path = _render(records, out, target, diagnose, diagnose_set, baseline, head_refit)
     console.print(f"report: {path}")
 
 
@@ -190,22 +197,45 @@ def report(
     target: TargetOption = 0.8,
     diagnose: DiagnoseOption = False,
     diagnose_set: DiagnoseSetOption = [],
+    baseline: BaselineOption = None,
+    head_refit: HeadRefitOption = 0,
 ) -> None:
     """Render report.md and plots from finished runs."""
     from fedrank.report import load_run
 
     with user_errors():
         records = [load_run(d) for d in run_dirs]
-        path = _render(records, out, target, diagnose, diagnose_set)
+        path = _render(records, out, target, diagnose, diagnose_set, baseline, head_refit)
     console.print(f"report: {path}")
 
 
-def _render(records: list[RunRecord], out: Path, target: float, diagnose: bool, diagnose_set: list[str]) -> Path:
-    """report.md and plots, with the round-1 diagnostic appended when asked for."""
-    from fedrank.report import write_report
+def _render(records: list[RunRecord], out: Path, target: float, diagnose: bool, diagnose_set: list[str],
+            baseline: str | None = None, head_refit: int = 0) -> Path:
+    """report.md and plots, with the paired differences, the head refit and the round-1 diagnostic appended
+    when asked for."""
+    from fedrank.report import paired, paired_markdown, write_report
 
-    appendix = _diagnostic(records, out, diagnose_set) if diagnose or diagnose_set else ""
+    appendix = paired_markdown(paired(records, baseline, target), baseline, target) if baseline else ""
+    if head_refit:
+        appendix += _head_refit(records, out, head_refit)
+    if diagnose or diagnose_set:
+        appendix += _diagnostic(records, out, diagnose_set)
     return write_report(records, out, target, appendix=appendix)
+
+
+def _head_refit(records: list[RunRecord], out: Path, examples: int) -> str:
+    """Refit each run's head (progress on the console); save head_refit.json; return its markdown."""
+    import json
+
+    from fedrank.diagnose import head_refit, head_refit_markdown
+
+    results = []
+    with _progress(quiet=False) as bar:
+        for record in bar.track(records, description="head refit"):
+            results.append(head_refit(record.path, examples))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "head_refit.json").write_text(json.dumps(results, indent=2))
+    return head_refit_markdown(results, [r.label for r in records])
 
 
 def _diagnostic(records: list[RunRecord], out: Path, overrides: list[str]) -> str:

@@ -1,6 +1,6 @@
-"""Byun & Lee's round-1 diagnostic: what a high-rank client loses when its update comes back aggregated.
+"""Diagnostics of finished or starting runs: Byun & Lee's round-1 diagnostic and the head refit.
 
-In round 1 the highest-rank sampled client trains its own model; the server aggregates; the client
+Round 1 (Byun & Lee): the highest-rank sampled client trains its own model; the server aggregates; the client
 receives its rank's share of the global model back.  Zero padding dilutes the slots only high-rank
 clients hold, so the model it receives is much worse than its own; replication keeps them.
 """
@@ -12,14 +12,18 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from fedrank.client import split_head
-from fedrank.config import Config
+import numpy as np
+import torch
+
+from fedrank import checkpoint
+from fedrank.client import evaluate, split_head
+from fedrank.config import Config, ConfigError, load_config
 from fedrank.experiment import build
 from fedrank.methods import Task
-from fedrank.methods.base import unpack
+from fedrank.methods.base import truncate, unpack
 from fedrank.runtime.registry import make_runtime
 from fedrank.ranks import make_rank_policy
-from fedrank.server import RunFiles, Server, sample_clients
+from fedrank.server import BEFORE, RunFiles, Server, sample_clients
 
 
 def round_one(cfg: Config) -> dict[str, Any]:
@@ -90,4 +94,74 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for r in results:
         lines.append(f"| {r['method']} | {r['own_local_accuracy']:.4f} | {r['received_local_accuracy']:.4f} | "
                      f"{r['own_test_accuracy']:.4f} | {r['received_test_accuracy']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- head refit (linear probe)
+
+
+def _head_features(exp, factors, head: dict, data) -> tuple[np.ndarray, float]:
+    """The inputs of the (single Linear) head on ``data`` under the global model ``factors`` + ``head``, and
+    that model's accuracy."""
+    names = exp.model.head_modules
+    if len(names) != 1:
+        raise ConfigError(f"the head refit needs a single Linear head, this model's head is {names}")
+    captured: list[torch.Tensor] = []
+    exp.model.set_head(head)
+    with exp.model.merged(factors) as net:
+        module = dict(net.named_modules())[f"base_model.model.{names[0]}"]
+        hook = module.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach().float().cpu()))
+        try:
+            metrics = evaluate(net, data, exp.num_labels, exp.cfg.eval.batch_size, exp.loaded.tokenizer.pad_token_id)
+        finally:
+            hook.remove()
+    return torch.cat(captured).numpy(), metrics["accuracy"]
+
+
+def head_refit(run_dir: Path, examples: int = 1000) -> dict[str, Any]:
+    """Refit only the head of a finished run's final global model by a linear probe (multinomial logistic
+    regression) on the global model's features of a seeded sample of ``examples`` TRAINING examples; return
+    test accuracy before and after, for the global model truncated to each rank tier (rank-ordered methods)
+    or at full rank.  The test split is never used for fitting."""
+    from sklearn.linear_model import LogisticRegression
+
+    cfg = load_config(run_dir / "config.toml")
+    exp = build(cfg)
+    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    if ckpt is None:
+        raise ConfigError(f"{run_dir} has no checkpoint to refit: finish the run first (fedrank run --resume {run_dir})")
+    state, head = split_head({k: v for k, v in ckpt.tensors.items() if not k.startswith(BEFORE)})
+    train = exp.task.encode(exp.splits.train)
+    pick = np.random.default_rng([cfg.seed, 11]).choice(len(train), min(examples, len(train)), replace=False)
+    sample = train.subset(sorted(pick.tolist()))
+    factors = exp.method.global_factors(state)
+    tiers = exp.policy.tiers if exp.method.rank_ordered and cfg.eval.tiers else [exp.policy.global_rank]
+    out: dict[str, Any] = {"run": run_dir.name, "method": cfg.method, "head": cfg.server.head, "seed": cfg.seed,
+                           "train_examples": len(sample), "test_examples": len(exp.test)}
+    for r in tiers:
+        f, h = truncate(factors, r), exp.heads.for_rank(head, r)
+        x_train, _ = _head_features(exp, f, h, sample)
+        x_test, before = _head_features(exp, f, h, exp.test)
+        probe = LogisticRegression(max_iter=2000).fit(x_train, sample.labels)
+        out[f"before_r{r}"] = before
+        out[f"after_r{r}"] = float(probe.score(x_test, exp.test.labels))
+    return out
+
+
+def head_refit_markdown(results: list[dict[str, Any]], labels: list[str]) -> str:
+    """Mean test accuracy over seeds per run label and tier, before and after refitting the head."""
+    tiers = sorted({int(k.removeprefix("before_r")) for r in results for k in r if k.startswith("before_r")})
+    lines = ["## Head refit (linear probe on the final global model's features)\n",
+             f"Only the head is refit, by logistic regression on {results[0]['train_examples']} training examples "
+             f"(seeded); accuracy on all {results[0]['test_examples']} test examples, mean over seeds.\n",
+             "| method | seeds | " + " | ".join(f"rank {t}: before → after" for t in tiers) + " |",
+             "|---|---|" + "---|" * len(tiers)]
+    for label in dict.fromkeys(labels):
+        group = [r for r, lab in zip(results, labels) if lab == label]
+        cells = []
+        for t in tiers:
+            pairs = [(r[f"before_r{t}"], r[f"after_r{t}"]) for r in group if f"before_r{t}" in r]
+            cells.append(f"{np.mean([p[0] for p in pairs]):.4f} → {np.mean([p[1] for p in pairs]):.4f}"
+                         if pairs else "n/a")
+        lines.append(f"| {label} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

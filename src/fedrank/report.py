@@ -95,6 +95,64 @@ def table(runs: list[RunRecord], target: float) -> list[dict[str, Any]]:
     return rows
 
 
+def paired(runs: list[RunRecord], baseline: str, target: float) -> list[dict[str, Any]]:
+    """Each method against ``baseline`` on the seeds both ran (same partitions and ranks per seed).
+
+    ``final``: per-seed differences of final accuracy, their mean and sample std, the paired t-test's
+    two-sided p and the exact sign-flip permutation test's two-sided p (all 2^n sign patterns of the
+    differences).  ``rounds``: the same for rounds to ``target``, a run that never reaches it counted
+    as ``rounds + 1``.
+    """
+    from scipy import stats
+
+    groups = group(runs)
+    if baseline not in groups:
+        raise ConfigError(f"--baseline {baseline} is not among the runs' methods: use one of {', '.join(groups)}")
+    base = {r.cfg.seed: r for r in groups[baseline]}
+
+    def reached(run: RunRecord) -> int:
+        return rounds_to(run.rows, target) or run.cfg.rounds + 1
+
+    out = []
+    for label, group_runs in groups.items():
+        pairs = [(r, base[r.cfg.seed]) for r in group_runs if label != baseline and r.cfg.seed in base]
+        if not pairs:
+            continue
+        row: dict[str, Any] = {"method": label, "seeds": [r.cfg.seed for r, _ in pairs]}
+        for key, value in (("final", lambda r: r.summary["final_accuracy"]), ("rounds", reached)):
+            diffs = [value(r) - value(b) for r, b in pairs]
+            row[key] = _paired_stats(diffs, stats)
+        out.append(row)
+    return out
+
+
+def _paired_stats(diffs: list[float], stats: Any) -> dict[str, Any]:
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    std = statistics.stdev(diffs) if n > 1 else 0.0
+    t_p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if n > 1 and std > 0 else NAN
+    signs = [[1 if (mask >> i) & 1 else -1 for i in range(n)] for mask in range(2**n)]
+    extreme = sum(abs(sum(s * d for s, d in zip(sign, diffs))) >= abs(sum(diffs)) - 1e-12 for sign in signs)
+    return {"diffs": diffs, "mean": mean, "std": std, "t_p": t_p, "perm_p": extreme / 2**n,
+            "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}
+
+
+def paired_markdown(rows: list[dict[str, Any]], baseline: str, target: float) -> str:
+    lines = [f"## Paired differences against {baseline}\n",
+             f"Per seed, method minus {baseline} (same partitions, ranks and seeds). p: paired t-test / exact "
+             f"sign-flip permutation test, two-sided. Rounds to {target:.2f}: a run that never reaches it counts "
+             "as rounds + 1 (fewer is better).\n",
+             "| method | seeds | Δ final accuracy, mean ± std | p (t / perm) | higher on | per-seed Δ | "
+             f"Δ rounds to {target:.2f} | p (t / perm) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f, k = r["final"], r["rounds"]
+        lines.append(
+            f"| {r['method']} | {len(r['seeds'])} | {f['mean']:+.4f} ± {f['std']:.4f} | {f['t_p']:.3g} / "
+            f"{f['perm_p']:.3g} | {f['wins']}/{len(r['seeds'])} | {', '.join(f'{d:+.3f}' for d in f['diffs'])} | "
+            f"{k['mean']:+.1f} ± {k['std']:.1f} | {k['t_p']:.3g} / {k['perm_p']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(pair: tuple[float, float]) -> str:
     return "n/a" if math.isnan(pair[0]) else f"{pair[0]:.4f} ± {pair[1]:.4f}"
 
@@ -172,6 +230,32 @@ def plot_tiers(runs: list[RunRecord], path: Path) -> bool:
     return True
 
 
+def plot_dynamics(runs: list[RunRecord], path: Path) -> bool:
+    """Per round, mean over seeds: the norm of the top tier's part of the global update and the cosine between
+    successive updates of the high slots (``eval.dynamics``); False when no run recorded them."""
+    keys = sorted({k for r in runs for row in r.rows for k in row if k.startswith("tier_norm_r")},
+                  key=lambda k: int(k.removeprefix("tier_norm_r")))
+    if not keys:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, group_runs in group(runs).items():
+        for key, style in zip(keys, ("--", "-")) if len(keys) == 2 else ((keys[-1], "-"),):
+            rounds, values = _series(group_runs, key)
+            if rounds:
+                left.plot(rounds, values, style, label=f"{label} r{key.removeprefix('tier_norm_r')}")
+        rounds, values = _series(group_runs, "high_update_cos")
+        if rounds:
+            right.plot(rounds, values, marker="o", ms=3, label=label)
+    left.set(xlabel="round", ylabel="‖s·Σ_{j in tier} B_j A_j‖_F", title="Each tier's part of the global update")
+    right.set(xlabel="round", ylabel="cosine", title="Successive updates of the high slots")
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    _save(fig, right, path)
+    return True
+
+
 def write_report(runs: list[RunRecord], out: Path, target: float, title: str = "fedrank comparison",
                  notes: str = "", appendix: str = "") -> Path:
     """``out/report.md`` plus the PNG plots beside it."""
@@ -191,6 +275,8 @@ def write_report(runs: list[RunRecord], out: Path, target: float, title: str = "
             "\n![accuracy vs round](accuracy_vs_round.png)\n\n![accuracy vs MB](accuracy_vs_mb.png)\n"]
     if has_tiers:
         text.append("\n![accuracy by rank tier](accuracy_by_tier.png)\n")
+    if plot_dynamics(runs, out / "dynamics.png"):
+        text.append("\n![update dynamics](dynamics.png)\n")
     text.append(appendix)
     path = out / "report.md"
     path.write_text("\n".join(t for t in text if t))
