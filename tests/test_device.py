@@ -52,7 +52,8 @@ def test_auto_and_cpu_resolve() -> None:
 @pytest.mark.skipif(CUDA, reason="this machine has CUDA")
 @pytest.mark.parametrize("name", ["cuda", "cuda:1"])
 def test_cuda_without_cuda_is_a_clear_error(name: str, tmp_path: Path) -> None:
-    assert "sees no CUDA device on this machine: use device=cpu" in one_line_error(["--set", f"device={name}"], tmp_path)
+    message = one_line_error(["--set", f"device={name}"], tmp_path)
+    assert "sees no CUDA device on this machine: use device=cpu" in message
 
 
 @pytest.mark.skipif(MPS, reason="this machine has MPS")

@@ -154,8 +154,8 @@ def test_wire_casts_floats_only_and_round_trips() -> None:
 
 def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_training() -> None:
     results = []
-    for checkpointing in (False, True):
-        exp = build(load_config(None, LEARN + ["train.local_steps=3", f"train.gradient_checkpointing={str(checkpointing).lower()}"]))
+    for checkpointing in ("false", "true"):
+        exp = build(load_config(None, LEARN + ["train.local_steps=3", f"train.gradient_checkpointing={checkpointing}"]))
         calls = []
         inside = exp.model.peft.get_base_model().bert.encoder.layer[0].intermediate  # a module within a layer
         inside.register_forward_hook(lambda *_: calls.append(1))

@@ -49,7 +49,8 @@ def test_an_architecture_without_a_default_lists_its_linear_modules() -> None:
 def test_a_missing_target_lists_the_models_linear_modules() -> None:
     with pytest.raises(ConfigError) as err:
         AdaptedModel(tiny_bert(), ["query", "q_proj"], ["classifier"], 2.0, "shared", 0.0, 4)
-    assert str(err.value) == f"model.target_modules ['q_proj'] not found in the model: its Linear modules are {BERT_LINEAR}"
+    assert str(err.value) == ("model.target_modules ['q_proj'] not found in the model: its Linear modules are "
+                              f"{BERT_LINEAR}")
 
 
 @pytest.fixture(scope="module")

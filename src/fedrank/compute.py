@@ -36,7 +36,8 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"device={name} but torch {torch.__version__} sees no CUDA device on this machine: "
                               "use device=cpu (or auto)")
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"device={name} but this machine has {count} CUDA device(s): use cuda:0..cuda:{count - 1}")
+            raise ConfigError(f"device={name} but this machine has {count} CUDA device(s): "
+                              f"use cuda:0..cuda:{count - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={name} but MPS is not available on this machine: use device=cpu (or auto)")
     return device

@@ -30,7 +30,8 @@ def training_card(cfg: Config, label_names: Sequence[str], targets: Sequence[str
         f"- task: `{cfg.task}`" + (f"; labels in order: {', '.join(label_names)}" if classify else ""),
         f"- method: `{cfg.method}`; LoRA on {', '.join(targets)}; "
         f"scale s = {cfg.model.scale:g} (ΔW = s·B·A)",
-        f"- client ranks: policy `{r.policy}`, values {r.values}" + (f", fractions {r.fractions}" if r.fractions else ""),
+        f"- client ranks: policy `{r.policy}`, values {r.values}"
+        + (f", fractions {r.fractions}" if r.fractions else ""),
         f"- federation: {cfg.rounds} rounds, {cfg.clients.per_round} of {cfg.clients.count} clients per round, {local}",
         f"- data: `{cfg.data.dataset}`, `{cfg.data.partition}` partition",
         f"- seed {cfg.seed}; precision {cfg.precision}; tensors sent in {cfg.comm.dtype}", "",
