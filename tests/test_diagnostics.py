@@ -48,6 +48,9 @@ def test_paired_differences_match_an_independent_computation(tmp_path: Path) -> 
     assert row["final"]["wins"] == 4
     # rounds to 0.8: updatepad 1, 2, 4 (never: rounds + 1), 2; zeropad 3, 2, 4 (never), 1
     assert row["rounds"]["diffs"] == [-2, 0, 0, 1]
+    # late accuracy: the mean of rounds 2 and 3 (the second half of 3 rounds)
+    late = [statistics.fmean(curves["updatepad"][s][1:]) - statistics.fmean(curves["zeropad"][s][1:]) for s in range(4)]
+    assert row["late"]["diffs"] == pytest.approx(late)
 
 
 def test_paired_refuses_an_unknown_baseline(tmp_path: Path) -> None:
