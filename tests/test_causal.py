@@ -13,14 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from rich.console import Console
 from torch.nn import functional as F
 
 from fedrank import checkpoint
-from fedrank.cli import execute
+from fedrank.cli import _table, execute
 from fedrank.client import split_head
 from fedrank.config import load_config
 from fedrank.data import TextDataset
 from fedrank.experiment import build
+from fedrank.headline import final_line
+from fedrank.report import load_run, write_report
 from fedrank.tasks import GenerateLabel, Instruct, PairDataset, answer_loss, collate, make_task
 
 from closeness import LOSS_RTOL, MODEL_RTOL, effect_gap, scaled_factors
@@ -156,14 +159,34 @@ def test_exported_adapter_reloads_on_the_base_lm_with_identical_logits(tmp_path:
     assert again["loss"] == pytest.approx(summary["final_loss"], rel=LOSS_RTOL)
 
 
-def test_instruct_reports_loss_and_perplexity(tmp_path: Path) -> None:
+def test_instruct_reports_perplexity_everywhere(tmp_path: Path) -> None:
+    """metrics.jsonl, the per-tier evaluation, summary.json, the CLI table and final line and the report carry
+    perplexity and loss; no accuracy key or column anywhere."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"q": f"Add {i} and 1.", "a": f"{i + 1}"}) + "\n" for i in range(12)))
     cfg = load_config(None, TINY + ["task=instruct", f"data.dataset={pairs}", "data.prompt_field=q",
                                     "data.response_field=a", "train.max_length=48", "method=replication",
-                                    "data.test_fraction=0.25", "ranks.policy=quality", "ranks.top_fraction=0.5"])
-    summary = execute(cfg, tmp_path / "run")
-    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert "accuracy" not in row and row["loss"] > 0
-    assert row["perplexity"] == pytest.approx(math.exp(row["loss"]))
-    assert summary["final_loss"] == pytest.approx(row["loss"]) and summary["final_accuracy"] is None
+                                    "data.test_fraction=0.25", "ranks.policy=quality", "ranks.top_fraction=0.5",
+                                    "eval.tiers=true"])
+    run = tmp_path / "run"
+    summary = execute(cfg, run)
+    (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert not [k for k in {**row, **summary} if "accuracy" in k or "macro_f1" in k]
+    assert row["loss"] > 0 and row["perplexity"] == pytest.approx(math.exp(row["loss"]))
+    assert row["perplexity_r4"] == row["perplexity"] and row["perplexity_r2"] > 1.0  # the model truncated to rank 2
+    assert summary["headline"] == "perplexity"
+    assert summary["final_loss"] == pytest.approx(row["loss"]) and summary["final_perplexity"] == row["perplexity"]
+    assert summary["best_round_perplexity"] == row["perplexity"]
+    assert summary["final_tiers"] == {"perplexity_r2": row["perplexity_r2"], "perplexity_r4": row["perplexity_r4"]}
+
+    console = Console(record=True, width=200)
+    console.print(_table([row], summary))
+    table = console.export_text()
+    assert "perplexity" in table and f"{row['perplexity']:.4f}" in table and "accuracy" not in table
+    assert final_line(summary) == f"final perplexity {row['perplexity']:.4f} on 3 test examples"
+
+    path = write_report([load_run(run)], tmp_path / "report", target=1e9)  # any perplexity reaches it
+    text = path.read_text()
+    assert "| final perplexity | best perplexity |" in text and "accuracy" not in text
+    assert f"| {row['perplexity']:.4f} ± 0.0000 |" in text and "| 1.0 (1/1) |" in text
+    assert (tmp_path / "report" / "perplexity_by_tier.png").stat().st_size > 1000

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,13 +80,16 @@ def test_eval_of_a_run_without_an_adapter_is_refused(finished: Path, tmp_path: P
     assert_one_line_error(invoke("eval", str(run)), "has no exported adapter")
 
 
-@pytest.mark.parametrize(("accuracy", "printed"), [(0.0, "final accuracy 0.0000"), (0.5, "final accuracy 0.5000"),
-                                                    (None, "final accuracy nan")])
-def test_final_accuracy_is_printed_as_it_is(accuracy: float | None, printed: str, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """0.0 is an accuracy (it printed as nan); only a task without accuracy (instruct: None) prints nan."""
+@pytest.mark.parametrize(("summary", "printed"), [
+    ({"final_accuracy": 0.0}, "final accuracy 0.0000"), ({"final_accuracy": 0.5}, "final accuracy 0.5000"),
+    ({"headline": "accuracy", "final_accuracy": 0.25}, "final accuracy 0.2500"),
+    ({"headline": "perplexity", "final_perplexity": 3.25}, "final perplexity 3.2500")])
+def test_final_line_prints_the_tasks_headline_as_it_is(summary: dict[str, Any], printed: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """0.0 is an accuracy (it printed as nan); instruct prints its perplexity; a summary without `headline`
+    (written before it existed) is an accuracy run."""
     monkeypatch.setattr("fedrank.cli.execute",
-                        lambda cfg, run_dir, quiet: {"final_accuracy": accuracy, "final_eval_examples": 7})
+                        lambda cfg, run_dir, quiet: {**summary, "final_eval_examples": 7})
     result = invoke("run", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
     assert f"{printed} on 7 test examples" in result.output

@@ -14,17 +14,19 @@ from typer.testing import CliRunner
 
 from fedrank.cli import app, execute
 from fedrank.config import ConfigError, load_config, save_config
-from fedrank.report import load_run, paired
+from fedrank.report import headline_of, load_run, paired, paired_markdown, table
 
 
-def fake_run(folder: Path, method: str, seed: int, final: float, curve: list[float]) -> Path:
-    """A finished run folder with the given final accuracy and per-round accuracies."""
+def fake_run(folder: Path, method: str, seed: int, final: float, curve: list[float], key: str = "accuracy") -> Path:
+    """A finished run folder with the given final and per-round headline metric ``key`` (a summary without
+    `headline`, as runs wrote before it existed, for accuracy)."""
     folder.mkdir(parents=True)
     save_config(load_config(None, [f"method={method}", f"seed={seed}", f"rounds={len(curve)}"]), folder / "config.toml")
-    rows = [{"round": i + 1, "accuracy": a, "cum_upload_bytes": 1, "cum_download_bytes": 1} for i, a in enumerate(curve)]
+    rows = [{"round": i + 1, key: a, "cum_upload_bytes": 1, "cum_download_bytes": 1} for i, a in enumerate(curve)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"final_accuracy": final, "best_round_accuracy": max(curve), "upload_bytes": 1, "download_bytes": 1,
-               "wall_s": 1.0, "final_tiers": {}}
+    best = max(curve) if key == "accuracy" else min(curve)
+    summary = {f"final_{key}": final, f"best_round_{key}": best, "upload_bytes": 1, "download_bytes": 1,
+               "wall_s": 1.0, "final_tiers": {}, **({} if key == "accuracy" else {"headline": key})}
     (folder / "summary.json").write_text(json.dumps(summary))
     return folder
 
@@ -51,6 +53,22 @@ def test_paired_differences_match_an_independent_computation(tmp_path: Path) -> 
     # late accuracy: the mean of rounds 2 and 3 (the second half of 3 rounds)
     late = [statistics.fmean(curves["updatepad"][s][1:]) - statistics.fmean(curves["zeropad"][s][1:]) for s in range(4)]
     assert row["late"]["diffs"] == pytest.approx(late)
+
+
+def test_perplexity_runs_are_paired_and_tabulated_with_lower_as_better(tmp_path: Path) -> None:
+    finals = {"zeropad": [9.0, 8.0], "updatepad": [7.0, 8.5]}
+    curves = {"zeropad": [[12.0, 9.0], [11.0, 8.0]], "updatepad": [[9.5, 7.0], [12.5, 8.5]]}
+    runs = [load_run(fake_run(tmp_path / f"{m}-{s}", m, s, finals[m][s], curves[m][s], "perplexity"))
+            for m in finals for s in range(2)]
+    (row,) = paired(runs, "zeropad", target=10.0)
+    assert row["final"]["diffs"] == [-2.0, 0.5] and row["final"]["wins"] == 1  # lower perplexity wins
+    assert row["rounds"]["diffs"] == [-1, 0]  # first round at most 10: updatepad 1, 2; zeropad 2, 2
+    rows = {r["method"]: r for r in table(runs, 10.0)}
+    assert rows["updatepad"]["best"][0] == pytest.approx(7.75) and rows["updatepad"]["final"][0] == 7.75
+    text = paired_markdown([row], "zeropad", 10.0, headline_of(runs))
+    assert "Δ final perplexity" in text and "| lower on |" in text
+    with pytest.raises(ConfigError, match="different metrics"):
+        headline_of(runs + [load_run(fake_run(tmp_path / "acc", "zeropad", 9, 0.8, [0.8]))])
 
 
 def test_paired_refuses_an_unknown_baseline(tmp_path: Path) -> None:

@@ -18,11 +18,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table  # noqa: E402
 
 from fedrank.config import Config, ConfigError, describe, load_config, save_config, to_dict  # noqa: E402
+from fedrank.headline import LABELS, final_line, of_summary  # noqa: E402
 
 if TYPE_CHECKING:
     from fedrank.report import RunRecord
-
-NAN = float("nan")  # printed for metrics a task does not have (instruct: no accuracy)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated LoRA fine-tuning with rank-heterogeneous clients.")
@@ -64,11 +63,13 @@ def _new_run_dir(cfg: Config, config: Optional[Path], out: Optional[Path]) -> Pa
 
 
 def _table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
+    """Per round: the task's reported metrics (``—`` where a round was not evaluated), MB and seconds."""
+    reported = of_summary(summary).reported
     table = Table(title=f"{summary['method']} · seed {summary['seed']}")
-    for col in ("round", "accuracy", "macro-F1", "loss", "up MB", "down MB", "s"):
+    for col in ("round", *(LABELS.get(k, k) for k in reported), "up MB", "down MB", "s"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["round"]), f"{r.get('accuracy', NAN):.4f}", f"{r.get('macro_f1', NAN):.4f}", f"{r['loss']:.4f}",
+        table.add_row(str(r["round"]), *(f"{r[k]:.4f}" if k in r else "—" for k in reported),
                       f"{r['upload_bytes'] / 1e6:.2f}", f"{r['download_bytes'] / 1e6:.2f}", f"{r['wall_s']:.1f}")
     return table
 
@@ -92,9 +93,7 @@ def run(
             run_dir = _new_run_dir(cfg, config, out)
         summary = execute(cfg, run_dir, quiet)
     if not quiet:
-        accuracy = summary.get("final_accuracy")  # None for a task without accuracy; 0.0 is an accuracy
-        console.print(f"final accuracy {NAN if accuracy is None else accuracy:.4f} on {summary['final_eval_examples']} "
-                      f"test examples · outputs in {run_dir}")
+        console.print(f"{final_line(summary)} · outputs in {run_dir}")
 
 
 def execute(cfg: Config, run_dir: Path, quiet: bool = True, progress: Progress | None = None) -> dict[str, Any]:
@@ -111,12 +110,14 @@ def execute(cfg: Config, run_dir: Path, quiet: bool = True, progress: Progress |
     save_config(cfg, files.config)
     exp = build(cfg)
     runtime = make_runtime(cfg.runtime, exp)
+    key = exp.task.headline.key
     with (nullcontext(progress) if progress else _progress(quiet)) as bar:
         task = bar.add_task(f"{run_dir.name}: round 1/{cfg.rounds}", total=cfg.rounds * cfg.clients.per_round)
 
         def on_round(row: dict[str, Any]) -> None:
-            bar.update(task, description=f"{run_dir.name}: round {min(row['round'] + 1, cfg.rounds)}/{cfg.rounds} "
-                                         f"acc {row.get('accuracy', NAN):.3f}")
+            value = f" {key} {row[key]:.3f}" if key in row else ""
+            bar.update(task, description=f"{run_dir.name}: round {min(row['round'] + 1, cfg.rounds)}/{cfg.rounds}"
+                                         + value)
 
         server = Server(exp, runtime, files, on_client=lambda t: bar.advance(task), on_round=on_round,
                         on_start=lambda start: bar.update(task, completed=start * cfg.clients.per_round),
@@ -137,7 +138,8 @@ def _progress(quiet: bool) -> Progress:
                     TimeRemainingColumn(), console=console, disable=quiet)
 
 
-TargetOption = Annotated[float, typer.Option(help="accuracy whose first round is reported")]
+TargetOption = Annotated[float, typer.Option(help="value of the task's headline metric (accuracy; perplexity for "
+                                                "instruct) whose first round reaching it is reported")]
 DiagnoseOption = Annotated[bool, typer.Option(help="add Byun & Lee's round-1 zeropad vs replication diagnostic")]
 DiagnoseSetOption = Annotated[list[str], typer.Option(
     "--diagnose-set", help="override a key for the diagnostic only (e.g. train.local_epochs=1: a full local epoch "
@@ -213,9 +215,10 @@ def _render(records: list[RunRecord], out: Path, target: float, diagnose: bool, 
             baseline: str | None = None, head_refit: int = 0) -> Path:
     """report.md and plots, with the paired differences, the head refit and the round-1 diagnostic appended
     when asked for."""
-    from fedrank.report import paired, paired_markdown, write_report
+    from fedrank.report import headline_of, paired, paired_markdown, write_report
 
-    appendix = paired_markdown(paired(records, baseline, target), baseline, target) if baseline else ""
+    appendix = paired_markdown(paired(records, baseline, target), baseline, target,
+                               headline_of(records)) if baseline else ""
     if head_refit:
         appendix += _head_refit(records, out, head_refit)
     if diagnose or diagnose_set:
@@ -259,12 +262,14 @@ def eval_adapter(
     """Reload the exported PEFT adapter on a fresh base model and evaluate it on the run's test split."""
     with user_errors():
         from fedrank.export import evaluate_exported
+        from fedrank.tasks import make_task
 
         if not (run_dir / "adapter" / "adapter_config.json").is_file():
             raise ConfigError(f"{run_dir} has no exported adapter: finish the run first (fedrank run --resume {run_dir})")
-        metrics = evaluate_exported(load_config(run_dir / "config.toml"), run_dir / "adapter")
-    print(f"accuracy {metrics.get('accuracy', NAN):.4f}  macro_f1 {metrics.get('macro_f1', NAN):.4f}  loss {metrics['loss']:.4f}  "
-          f"({metrics['examples']} test examples)")
+        cfg = load_config(run_dir / "config.toml")
+        metrics = evaluate_exported(cfg, run_dir / "adapter")
+    reported = "  ".join(f"{k} {metrics[k]:.4f}" for k in make_task(cfg).headline.reported)
+    print(f"{reported}  ({metrics['examples']} test examples)")
 
 
 @app.command("config")

@@ -108,17 +108,17 @@ class Server:
     # ----------------------------------------------------------------- evaluation
 
     def evaluate(self, state: Tensors, head: Tensors, data=None) -> dict[str, float]:
-        """Global model metrics; for rank-ordered methods also the model truncated to each lower tier,
-        each with the head that the head rule gives that rank."""
+        """Global model metrics; for rank-ordered methods also the task's headline metric of the model truncated
+        to each tier (``accuracy_r4``, ``perplexity_r4``), each with the head that the head rule gives that rank."""
         exp = self.exp
         data = data if data is not None else exp.test_round
         factors = exp.method.global_factors(state)
-        rank = exp.policy.global_rank
+        rank, key = exp.policy.global_rank, exp.task.headline.key
         out = self.evaluate_factors(factors, exp.heads.for_rank(head, rank), data)
         if exp.cfg.eval.tiers and exp.method.rank_ordered and len(exp.policy.tiers) > 1:
             for r in exp.policy.tiers:
-                out[f"accuracy_r{r}"] = (out.get("accuracy") if r == rank else self.evaluate_factors(
-                    truncate(factors, r), exp.heads.for_rank(head, r), data).get("accuracy"))
+                out[exp.task.headline.tier(r)] = (out[key] if r == rank else self.evaluate_factors(
+                    truncate(factors, r), exp.heads.for_rank(head, r), data)[key])
         return out
 
     def dynamics(self, previous: Tensors, current: Tensors) -> dict[str, float | None]:
@@ -241,12 +241,9 @@ class Server:
             "method": cfg.method,
             "seed": cfg.seed,
             "rounds": cfg.rounds,
-            "final_accuracy": final.get("accuracy"),
-            "final_macro_f1": final.get("macro_f1"),
-            "final_loss": final["loss"],
+            "headline": exp.task.headline.key,
             "final_eval_examples": len(exp.test) if cfg.eval.final_full else len(exp.test_round),
-            "final_tiers": {k: v for k, v in final.items() if k.startswith("accuracy_r")},
-            "best_round_accuracy": max((r["accuracy"] for r in rows if "accuracy" in r), default=None),
+            **exp.task.headline.summary(final, rows),
             "upload_bytes": rows[-1]["cum_upload_bytes"],
             "download_bytes": rows[-1]["cum_download_bytes"],
             "wall_s": sum(r["wall_s"] for r in rows),

@@ -36,6 +36,7 @@ from fedrank.compute import Compute
 from fedrank.config import ConfigError
 from fedrank.data import Splits, TextDataset, load_splits, utf8_lines
 from fedrank.export import CARD, training_card
+from fedrank.headline import ACCURACY, PERPLEXITY, Headline
 
 if TYPE_CHECKING:
     from fedrank.config import Config
@@ -167,7 +168,7 @@ class LearningTask:
     name: ClassVar[str]
     causal: ClassVar[bool]
     peft_task_type: ClassVar[str | None]  # PEFT task_type of the exported adapter
-    score_key: ClassVar[str]  # the metric behind `score`
+    headline: ClassVar[Headline]  # the metric a run is summarised by; also behind `score`
 
     def __init__(self, cfg: Config | None = None) -> None:
         self.cfg = cfg
@@ -239,14 +240,15 @@ class LearningTask:
         raise NotImplementedError
 
     def score(self, metrics: dict[str, float]) -> float:
-        """A client's validation score (higher is better), e.g. for the quality rank policy."""
-        return metrics[self.score_key]
+        """A client's validation score (higher is better), e.g. for the quality rank policy: the headline
+        metric, negated when lower is better."""
+        return self.headline.gain(metrics[self.headline.key])
 
 
 class Classify(LearningTask):
     """Sequence classification with an encoder and a fresh classifier head (the original path)."""
 
-    name, causal, peft_task_type, score_key = "classify", False, None, "accuracy"
+    name, causal, peft_task_type, headline = "classify", False, None, ACCURACY
 
     def _load(self, label_names: Sequence[str]) -> LoadedModel:
         from fedrank.models import load_classifier
@@ -300,7 +302,7 @@ class CausalTask(LearningTask):
 class GenerateLabel(CausalTask):
     """The causal LM completes the prompt with the label word; scored by label-word likelihood."""
 
-    name, score_key = "generate-label", "accuracy"
+    name, headline = "generate-label", ACCURACY
 
     def bind(self, label_names: Sequence[str]) -> None:
         words = list(self.cfg.data.label_words) or list(label_names)
@@ -420,7 +422,7 @@ def load_pairs(path: Path, prompt_field: str, response_field: str, test_fraction
 class Instruct(CausalTask):
     """Supervised fine-tuning on prompt/response pairs in the model's chat template."""
 
-    name, score_key = "instruct", "loss"
+    name, headline = "instruct", PERPLEXITY
 
     def load_data(self) -> Splits:
         d = self.cfg.data
@@ -458,7 +460,7 @@ class Instruct(CausalTask):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
     def score(self, metrics: dict[str, float]) -> float:
-        """Minus the loss: a lower loss is a better client."""
+        """Minus the loss: a lower loss is a better client (it orders as perplexity does, without its cap)."""
         return -metrics["loss"]
 
 

@@ -301,6 +301,7 @@ def _main(grid: Grid, context: Context) -> None:
     """Build the experiment from the run config (``config``: fedrank TOML path, ``out``: run folder) and run it."""
     from fedrank.config import save_config
     from fedrank.experiment import build
+    from fedrank.headline import final_line
     from fedrank.server import RunFiles, Server
 
     rc = context.run_config
@@ -317,7 +318,7 @@ def _main(grid: Grid, context: Context) -> None:
     wait_nodes = float(rc.get("wait-nodes-s", 0) or 0)  # 0: as long as a round (timeout)
     runtime = FlowerRuntime(grid, cfg, timeout_s=timeout, wait_nodes_s=wait_nodes if wait_nodes > 0 else None)
     summary = Server(exp, runtime, files).run()
-    print(f"fedrank: final accuracy {summary['final_accuracy']:.4f}; outputs in {out}")
+    print(f"fedrank: {final_line(summary)}; outputs in {out}")
 
 
 # --------------------------------------------------------------------------- simulation from `fedrank run`
