@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from fedrank.cli import execute
 from fedrank.client import batch_order, evaluate
 from fedrank.compute import PRECISIONS, Compute
+from fedrank.job import execute
 from fedrank.tasks import collate
 from fedrank.config import load_config
 from fedrank.experiment import build

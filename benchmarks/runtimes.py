@@ -24,7 +24,7 @@ SMALL = [
 
 
 def run_local(overrides: list[str], out: Path) -> float:
-    from fedrank.cli import execute
+    from fedrank.job import execute
     from fedrank.config import load_config
 
     t = time.perf_counter()

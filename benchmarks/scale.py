@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def one(count: int, per_round: int, rounds: int) -> dict[str, float]:
-    from fedrank.cli import execute
+    from fedrank.job import execute
     from fedrank.config import load_config
 
     cfg = load_config(None, [f"clients.count={count}", f"clients.per_round={per_round}", f"rounds={rounds}",

@@ -17,12 +17,13 @@ from rich.console import Console
 from torch.nn import functional as F
 
 from fedrank import checkpoint
-from fedrank.cli import _table, execute
+from fedrank.cli import _table
 from fedrank.client import split_head
 from fedrank.config import load_config
 from fedrank.data import TextDataset
 from fedrank.experiment import build
 from fedrank.headline import final_line
+from fedrank.job import execute
 from fedrank.report import load_run, write_report
 from fedrank.tasks import GenerateLabel, Instruct, PairDataset, answer_loss, collate, make_task
 

@@ -88,7 +88,7 @@ def test_final_line_prints_the_tasks_headline_as_it_is(summary: dict[str, Any], 
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """0.0 is an accuracy (it printed as nan); instruct prints its perplexity; a summary without `headline`
     (written before it existed) is an accuracy run."""
-    monkeypatch.setattr("fedrank.cli.execute",
+    monkeypatch.setattr("fedrank.cli.run_with_progress",
                         lambda cfg, run_dir, quiet: {**summary, "final_eval_examples": 7})
     result = invoke("run", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedrank import aggregation
-from fedrank.cli import app, execute
+from fedrank.cli import app
 from fedrank.compute import resolve_device
 from fedrank.config import ConfigError, load_config
+from fedrank.job import execute
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_run import TINY, adapter, metrics, untimed  # noqa: E402

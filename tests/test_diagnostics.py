@@ -12,8 +12,9 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from fedrank.cli import app, execute
+from fedrank.cli import app
 from fedrank.config import ConfigError, load_config, save_config
+from fedrank.job import execute
 from fedrank.report import headline_of, load_run, paired, paired_markdown, table
 
 

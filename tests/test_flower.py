@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -15,8 +16,9 @@ import torch
 
 pytest.importorskip("flwr")
 
-from fedrank.cli import execute  # noqa: E402
 from fedrank.config import load_config, save_config  # noqa: E402
+from fedrank.headline import final_line  # noqa: E402
+from fedrank.job import execute, round_line  # noqa: E402
 from fedrank.methods import Task  # noqa: E402
 from fedrank.runtime import flower, loopback  # noqa: E402
 from fedrank.server import RunFiles, Server, sample_clients  # noqa: E402
@@ -190,3 +192,8 @@ def test_loopback_deployment_matches_local(local_run: Path, tmp_path: Path) -> N
         run = dep.run(cfg_path, out, timeout=3 * DEPLOY_WAIT_S, run_config=DEPLOY_RUN_CONFIG)
         assert (out / "summary.json").is_file(), run.stdout + run.stderr + dep.log("superlink")
     assert_same_run(local_run, out, exact=True)
+    # `flwr run --stream` shows the ServerApp's line per round and its final line
+    said = [line.removeprefix("fedrank: ") for line in run.stdout.splitlines() if line.startswith("fedrank: ")]
+    rows = metrics(out)
+    assert said == [round_line(row, load_config(None, TINY)) for row in rows] + [
+        f"{final_line(json.loads((out / 'summary.json').read_text()))}; outputs in {out}"], run.stdout

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedrank.cli import app, execute
+from fedrank.cli import app
 from fedrank.config import ConfigError, load_config, save_config
+from fedrank.job import execute
 from fedrank.methods import METHODS
 
 from report_numbers import assert_report_matches

@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from fedrank import wire
-from fedrank.cli import execute
 from fedrank.client import split_head
 from fedrank.compute import Compute
 from fedrank.config import load_config
 from fedrank.data import load_splits
 from fedrank.experiment import build, eval_subset
+from fedrank.job import execute
 from fedrank.methods import Task
 from fedrank.runtime import flower
 

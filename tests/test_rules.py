@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from fedrank import dynamics
-from fedrank.cli import execute
 from fedrank.compare import method_overrides
 from fedrank.config import ConfigError, load_config
 from fedrank.heads import HEAD_RULES, HeadReply, make_head_rule
+from fedrank.job import execute
 from fedrank.methods import METHODS, Task
 
 SHAPES = {"l0.q": (12, 10), "l1.v": (6, 10)}
@@ -170,3 +170,19 @@ def test_tier_head_run_stores_one_head_per_tier_and_resumes_exactly(tmp_path: Pa
     assert last["high_update_cos"] is None or -1.0 <= last["high_update_cos"] <= 1.0
     ckpt = load_file(str(tmp_path / "straight" / "checkpoints" / "round-0003.safetensors"))
     assert {k.split("/")[1] for k in ckpt if k.startswith("head/")} == {"r2", "r4", "r8"}
+
+
+def test_zero_padding_never_revives_slots_nobody_held_in_round_one(tmp_path: Path) -> None:
+    """The quality policy starts every client at the low rank, so round 1 zero-fills A and B of the high slots;
+    A = B = 0 is a stationary point of LoRA (each factor's gradient is the other factor times the output
+    gradient), so under zero padding they stay exactly zero and the method is FedIT at the low rank.  Update-space
+    padding keeps the unheld slots at their previous values (A at its seeded init) and they train."""
+    quality = TINY + ["ranks.policy=quality", "ranks.values=[2,8]", "ranks.top_fraction=0.5", "eval.every=3",
+                      "eval.tiers=false"]
+    norms = {}
+    for method in ("zeropad", "updatepad"):
+        execute(load_config(None, quality + [f"method={method}"]), tmp_path / method)
+        norms[method] = [r["tier_norm_r8"] for r in rows(tmp_path / method)]
+        assert any(8 in r["ranks"] for r in rows(tmp_path / method)[1:])  # a rank-8 client trained after round 1
+    assert norms["zeropad"] == [0.0, 0.0, 0.0]
+    assert norms["updatepad"][0] == 0.0 and norms["updatepad"][-1] > 0.0

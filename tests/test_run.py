@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedrank.cli import app, execute
+from fedrank.cli import app
 from fedrank.config import load_config
 from fedrank.export import evaluate_exported
+from fedrank.job import execute
 from fedrank.methods import METHODS
 from fedrank.server import RunFiles
 

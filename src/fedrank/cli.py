@@ -17,8 +17,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table  # noqa: E402
 
-from fedrank.config import Config, ConfigError, describe, load_config, save_config, to_dict  # noqa: E402
+from fedrank.config import Config, ConfigError, describe, load_config, to_dict  # noqa: E402
 from fedrank.headline import LABELS, final_line, of_summary  # noqa: E402
+from fedrank.job import Hooks, execute, round_line  # noqa: E402
 
 if TYPE_CHECKING:
     from fedrank.report import RunRecord
@@ -91,45 +92,29 @@ def run(
         else:
             cfg = load_config(config, set_)
             run_dir = _new_run_dir(cfg, config, out)
-        summary = execute(cfg, run_dir, quiet)
+        summary = run_with_progress(cfg, run_dir, quiet)
     if not quiet:
         console.print(f"{final_line(summary)} · outputs in {run_dir}")
 
 
-def execute(cfg: Config, run_dir: Path, quiet: bool = True, progress: Progress | None = None) -> dict[str, Any]:
-    """Build the experiment and run it in ``run_dir`` (resuming from its checkpoints if any).
-
-    Progress goes to ``progress`` when given (one bar for this run), else to a bar of its own unless ``quiet``.
-    """
-    from fedrank.experiment import build
-    from fedrank.runtime.registry import make_runtime
-    from fedrank.server import RunFiles, Server
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    files = RunFiles(run_dir)
-    save_config(cfg, files.config)
-    exp = build(cfg)
-    runtime = make_runtime(cfg.runtime, exp)
-    key = exp.task.headline.key
+def run_with_progress(cfg: Config, run_dir: Path, quiet: bool = True,
+                      progress: Progress | None = None) -> dict[str, Any]:
+    """``fedrank.job.execute`` with a progress bar: a row of ``progress`` when given (removed at the end), else a
+    bar of its own unless ``quiet``; unless ``quiet``, the per-round table at the end."""
+    per_round = cfg.clients.per_round
     with (nullcontext(progress) if progress else _progress(quiet)) as bar:
-        task = bar.add_task(f"{run_dir.name}: round 1/{cfg.rounds}", total=cfg.rounds * cfg.clients.per_round)
-
-        def on_round(row: dict[str, Any]) -> None:
-            value = f" {key} {row[key]:.3f}" if key in row else ""
-            bar.update(task, description=f"{run_dir.name}: round {min(row['round'] + 1, cfg.rounds)}/{cfg.rounds}"
-                                         + value)
-
-        server = Server(exp, runtime, files, on_client=lambda t: bar.advance(task), on_round=on_round,
-                        on_start=lambda start: bar.update(task, completed=start * cfg.clients.per_round),
-                        log=console.print)
-        try:
-            summary = server.run()
-        finally:
-            runtime.close()
+        row = bar.add_task(f"{run_dir.name}: round 1/{cfg.rounds}", total=cfg.rounds * per_round)
+        hooks = Hooks(start=lambda start: bar.update(row, completed=start * per_round),
+                      client=lambda task: bar.advance(row),
+                      round=lambda done: bar.update(row, description=f"{run_dir.name}: {round_line(done, cfg)}"),
+                      log=console.print)
+        summary = execute(cfg, run_dir, hooks)
         if progress:
-            bar.remove_task(task)
+            bar.remove_task(row)
     if not quiet:
-        console.print(_table(files.read_metrics(), summary))
+        from fedrank.server import RunFiles
+
+        console.print(_table(RunFiles(run_dir).read_metrics(), summary))
     return summary
 
 
@@ -185,7 +170,7 @@ def compare(
                 overall = bar.add_task("runs", total=len(runs), completed=sum(r.finished for r in runs))
                 for run in runs:
                     if not run.finished:
-                        execute(run.cfg, run.folder, progress=bar)
+                        run_with_progress(run.cfg, run.folder, progress=bar)
                         bar.advance(overall)
         records = [load_run(r.folder) for r in runs]
         path = _render(records, out, target, diagnose, diagnose_set, baseline, head_refit)

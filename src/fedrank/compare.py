@@ -12,6 +12,7 @@ from typing import Callable
 
 from fedrank.config import Config, ConfigError, load_config, to_dict
 from fedrank.heads import HEAD_RULES
+from fedrank.job import execute
 from fedrank.methods import METHODS
 from fedrank.server import RunFiles
 
@@ -70,11 +71,9 @@ def plan(config: Path | None, methods: list[str], seeds: list[int], overrides: l
 def _run_in_worker(cfg: Config, folder: Path, threads: int) -> None:
     import torch
 
-    from fedrank.cli import execute
-
     if not cfg.threads:  # the config leaves threads to torch: share the cores between the parallel runs
         torch.set_num_threads(threads)
-    execute(cfg, folder, quiet=True)
+    execute(cfg, folder)
 
 
 def run_parallel(runs: list[PlannedRun], jobs: int, on_progress: Callable[[int], None]) -> None:

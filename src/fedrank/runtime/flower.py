@@ -1,4 +1,4 @@
-"""The Flower runtime: a ServerApp and a ClientApp around the same server loop and client half.
+"""The Flower runtime: a ``Runtime`` over a Flower ``Grid`` and a ClientApp around the same client half.
 
 Nothing method-specific lives here.  The server side is ``fedrank.server.Server`` with a
 ``FlowerRuntime`` that turns every job ``(Task, payload)`` into one Flower ``Message`` for
@@ -27,9 +27,9 @@ records it under ``missing``.
 
 Entry points:
 
-* ``server_app`` / ``client_app``: the Flower apps for a deployment (``flwr run deploy/flower``);
-  the ServerApp reads ``config`` (a fedrank TOML path) and ``out`` (the run folder) from
-  the run config.
+* ``client_app``: the ClientApp of a deployment (``flwr run deploy/flower``) and of the simulation;
+  the deployment's ServerApp is ``fedrank.serverapp.server_app``, which runs a job
+  (``fedrank.job``) through a ``FlowerRuntime``.
 * ``SimulationRuntime``: ``runtime = "flower"`` in a fedrank config; runs the clients in
   Flower's simulation engine (Ray, on 127.0.0.1) from ``fedrank run``.
 """
@@ -38,14 +38,12 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import logging
 import os
 import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from queue import Queue
 from typing import Any
 
@@ -60,12 +58,10 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fedrank import wire  # noqa: E402
 from fedrank.client import FedClient, split_head, with_head  # noqa: E402
-from fedrank.config import Config, ConfigError, load_config, to_dict  # noqa: E402
+from fedrank.config import Config, load_config, to_dict  # noqa: E402
 from fedrank.methods import Reply, Task, Tensors  # noqa: E402
 from fedrank.methods.base import Factors, pack, unpack  # noqa: E402
 from fedrank.runtime import Job, Outcome  # noqa: E402
-
-log = logging.getLogger("fedrank.flower")
 
 FAULT_ENV = "FEDRANK_FLOWER_FAULT"  # test hook, see _maybe_fault
 
@@ -216,6 +212,9 @@ class FlowerRuntime:
         self._exchange("evaluate", [(Task(c, 0, rnd), payload) for c in clients], on_reply)
         return {c: scores[c] for c in clients if c in scores}
 
+    def close(self) -> None:
+        """Nothing to release: the SuperLink and its SuperNodes outlive the run."""
+
 
 # --------------------------------------------------------------------------- client side
 
@@ -289,36 +288,6 @@ def _partition(msg: Message, context: Context) -> Message:
     rec = ConfigRecord({"partition-id": int(nc.get("partition-id", 0)),
                         "num-partitions": int(nc.get("num-partitions", 1))})
     return Message(RecordDict({"partition": rec}), reply_to=msg)
-
-
-# --------------------------------------------------------------------------- deployment ServerApp
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def _main(grid: Grid, context: Context) -> None:
-    """Build the experiment from the run config (``config``: fedrank TOML path, ``out``: run folder) and run it."""
-    from fedrank.config import save_config
-    from fedrank.experiment import build
-    from fedrank.headline import final_line
-    from fedrank.server import RunFiles, Server
-
-    rc = context.run_config
-    path, out = str(rc.get("config", "")), str(rc.get("out", ""))
-    if not out:
-        raise ConfigError("flower: pass the run folder: flwr run ... --run-config 'out=\"/abs/run\"'")
-    overrides = [s for s in str(rc.get("set", "")).split(";") if s.strip()]
-    cfg = load_config(path or None, overrides)
-    timeout = float(rc["timeout-s"]) if float(rc.get("timeout-s", 0) or 0) > 0 else cfg.runtime_timeout_s
-    files = RunFiles(Path(out))
-    files.root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, files.config)
-    exp = build(cfg)
-    wait_nodes = float(rc.get("wait-nodes-s", 0) or 0)  # 0: as long as a round (timeout)
-    runtime = FlowerRuntime(grid, cfg, timeout_s=timeout, wait_nodes_s=wait_nodes if wait_nodes > 0 else None)
-    summary = Server(exp, runtime, files).run()
-    print(f"fedrank: {final_line(summary)}; outputs in {out}")
 
 
 # --------------------------------------------------------------------------- simulation from `fedrank run`
