@@ -28,7 +28,7 @@ EXAMPLES = 64  # test paragraphs evaluated after each round
 LEARN = [
     "rounds=3", "clients.count=4", "clients.per_round=2", "train.local_steps=4", "train.batch_size=8",
     "train.max_length=32", "train.lr=2e-2", "train.head_lr=2e-2", "ranks.values=[2,4]", "ranks.fractions=[]",
-    f"eval.max_examples={EXAMPLES}", "eval.final_full=false", "eval.tiers=false", "data.max_train_examples=200",
+    f"eval.max_examples={EXAMPLES}", "eval.final_full=false", "data.max_train_examples=200",
     "data.partition=iid", "threads=1",
 ]
 HEAD_ONLY = "head-only"
@@ -80,6 +80,23 @@ def test_every_method_learns(name: str, runs: dict[str, Path], majority_rate: fl
     assert metrics[-1]["accuracy"] >= majority_rate + 0.1, (metrics[-1]["accuracy"], majority_rate)
     head_only = rows(runs[HEAD_ONLY])[-1]["loss"]
     assert losses[-1] < head_only - 0.05, (losses[-1], head_only)
+
+
+REQUIRED = {"round", "accuracy", "macro_f1", "loss", "upload_bytes", "download_bytes", "wall_s", "clients", "ranks"}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_writes_its_outputs(name: str, runs: dict[str, Path]) -> None:
+    metrics = rows(runs[name])
+    assert [r["round"] for r in metrics] == [1, 2, 3]
+    for r in metrics:
+        assert REQUIRED <= r.keys()
+        assert r["upload_bytes"] > 0 and r["download_bytes"] > 0 and r["missing"] == [] and r["rejected"] == []
+    assert json.loads((runs[name] / "summary.json").read_text())["method"] == name
+    for path in ("config.toml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (runs[name] / path).is_file(), path
+    if METHODS[name].rank_ordered and label(name) == name:  # the global model truncated to each rank tier
+        assert {"accuracy_r2", "accuracy_r4"} <= metrics[-1].keys()
 
 
 def test_the_head_only_run_trained_no_adapter(runs: dict[str, Path]) -> None:

@@ -34,7 +34,6 @@ TINY = [
     "eval.final_full=false", "data.max_train_examples=120", "data.partition=iid",
     "threads=1",  # bit-identical results across processes need the same torch thread count
 ]
-REQUIRED = {"round", "accuracy", "macro_f1", "loss", "upload_bytes", "download_bytes", "wall_s"}
 
 
 def run_tiny(out: Path, *overrides: str) -> dict:
@@ -51,23 +50,6 @@ def untimed(rows: list[dict]) -> list[dict]:
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
-
-
-@pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_completes_a_short_run(method: str, tmp_path: Path) -> None:
-    extra = ["ranks.values=[4]"] if method == "fedit" else []
-    summary = run_tiny(tmp_path, f"method={method}", *extra)
-    rows = metrics(tmp_path)
-    assert [r["round"] for r in rows] == [1, 2]
-    for r in rows:
-        assert REQUIRED <= r.keys()
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["upload_bytes"] > 0 and r["download_bytes"] > 0
-        assert r["missing"] == []
-    assert summary["method"] == method and (tmp_path / "summary.json").is_file()
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    assert (tmp_path / "config.toml").is_file()
-    if METHODS[method].rank_ordered and method != "fedit":
-        assert {"accuracy_r2", "accuracy_r4", "accuracy_r8"} <= rows[-1].keys()
 
 
 @pytest.fixture(scope="module")
