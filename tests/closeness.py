@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-import torch
 from torch import Tensor
 
 MODEL_RTOL = 1e-2  # 100x the cross-kernel noise (1e-4), 5x below a 5 % mis-scaled update
