@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional
 
@@ -13,8 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,  # noqa: E402
-                           TimeRemainingColumn)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,  # noqa: E402
+                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table  # noqa: E402
 
 from fedrank.config import Config, ConfigError, describe, load_config, to_dict  # noqa: E402
@@ -99,18 +99,29 @@ def run(
 
 def run_with_progress(cfg: Config, run_dir: Path, quiet: bool = True,
                       progress: Progress | None = None) -> dict[str, Any]:
-    """``fedrank.job.execute`` with a progress bar: a row of ``progress`` when given (removed at the end), else a
-    bar of its own unless ``quiet``; unless ``quiet``, the per-round table at the end."""
+    """``fedrank.job.execute`` with a progress bar that appears once the experiment is built (a configuration or
+    data error stays one line): a row of ``progress`` when given (removed at the end), else a bar of its own
+    unless ``quiet``; unless ``quiet``, the per-round table at the end."""
     per_round = cfg.clients.per_round
-    with (nullcontext(progress) if progress else _progress(quiet)) as bar:
-        row = bar.add_task(f"{run_dir.name}: round 1/{cfg.rounds}", total=cfg.rounds * per_round)
-        hooks = Hooks(start=lambda start: bar.update(row, completed=start * per_round),
-                      client=lambda task: bar.advance(row),
-                      round=lambda done: bar.update(row, description=f"{run_dir.name}: {round_line(done, cfg)}"),
-                      log=console.print)
+    bar = progress or _progress(quiet)
+    rows: list[TaskID] = []
+
+    def start(done: int) -> None:
+        if progress is None:
+            bar.start()
+        rows.append(bar.add_task(f"{run_dir.name}: round {min(done + 1, cfg.rounds)}/{cfg.rounds}",
+                                 total=cfg.rounds * per_round, completed=done * per_round))
+
+    hooks = Hooks(start=start, client=lambda task: bar.advance(rows[0]),
+                  round=lambda done: bar.update(rows[0], description=f"{run_dir.name}: {round_line(done, cfg)}"),
+                  log=console.print)
+    try:
         summary = execute(cfg, run_dir, hooks)
-        if progress:
-            bar.remove_task(row)
+    finally:
+        if progress is None and rows:  # started (stopping a bar that never started prints an empty line)
+            bar.stop()
+    if progress is not None:
+        bar.remove_task(rows[0])
     if not quiet:
         from fedrank.server import RunFiles
 
