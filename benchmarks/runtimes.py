@@ -1,17 +1,28 @@
-"""Wall time of one small config on the local runtime, Flower's simulation and a loopback deployment.
+"""Wall time of one config on the local runtime, Flower's simulation and a loopback deployment, and the fixed
+cost a Flower ClientApp pays per message.
 
-    .venv/bin/python benchmarks/runtimes.py [--rounds 2] [--skip-deployment]
+    .venv/bin/python benchmarks/runtimes.py [--job small|default] [--rounds 2] [--nodes 2 4]
+                                            [--skip-deployment] [--skip-runs]
 
-Prints seconds per runtime (whole run: building the experiment, the rounds, the final
-evaluation and export) and the ratio to the local runtime.  The deployment starts its own
-flower-superlink and two flower-supernode processes on free 127.0.0.1 ports and stops
-them (by PID) at the end (`fedrank.runtime.loopback`).
+Per message (Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message), measured in fresh
+processes for node 0 of ``--nodes``' first value: ``import`` (fedrank's client path: flwr, torch, transformers,
+PEFT), ``build`` (the node's clients' data) and ``load`` (base model, adapters, method), for the first message
+of a run (empty shard cache: the dataset is loaded, partitioned and the node's clients tokenised) and for a later
+one (cache hit), beside what a message built before the shard cache (the whole experiment: every client and the
+test split, and the imports of the partitioners).
+
+Runs: seconds per runtime (building the experiment, the rounds, the final evaluation and export) and the ratio to
+the local runtime; the deployment starts its own flower-superlink and ``--nodes`` flower-supernode processes on
+free 127.0.0.1 ports and stops them (by PID) at the end (``fedrank.runtime.loopback``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,27 +32,66 @@ SMALL = [
     "train.max_length=32", "ranks.values=[2,4,2,8]", "eval.max_examples=32", "eval.final_full=false",
     "data.max_train_examples=120", "data.partition=iid",
 ]
+JOBS = {"small": SMALL, "default": []}
+
+
+def probe(mode: str, config: Path, clients: list[int]) -> None:
+    """In this (fresh) process, what a ClientApp does for one message; print the seconds per phase as JSON.
+
+    ``mode``: ``node`` (this code's path) or ``whole`` (the whole experiment, as every message built it before)."""
+    t0 = time.perf_counter()
+    import fedrank.experiment  # noqa: F401 - the ClientApp's imports
+    import fedrank.runtime.flower  # noqa: F401
+    if mode == "whole":
+        import fedrank.data.partition  # noqa: F401 - imported with the client path before
+    from fedrank.config import load_config
+    from fedrank.experiment import build, build_node_client
+
+    laps = {"import": time.perf_counter() - t0}
+    last = [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        laps[phase], last[0] = now - last[0], now
+
+    cfg = load_config(config)
+    if mode == "node":
+        build_node_client(cfg, clients, lap)
+    else:
+        build(cfg, lap)
+    print(json.dumps({"import": laps["import"], "build": laps["labels"] + laps["data"],
+                      "load": laps["model"] + laps["client"]}))
+
+
+def per_message(config: Path, count: int, nodes: int, cache: Path) -> dict[str, dict[str, float]]:
+    """Seconds per phase of one message in a fresh process: first (empty cache), later (cache hit), before."""
+    clients = ",".join(str(c) for c in range(0, count, nodes))  # node 0's clients
+    env = {**os.environ, "FEDRANK_CACHE": str(cache)}
+
+    def run(mode: str) -> dict[str, float]:
+        done = subprocess.run([sys.executable, __file__, "--probe", mode, str(config), clients], env=env,
+                              capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return {"first message (cache miss)": run("node"), "later message (cache hit)": run("node"),
+            "before: whole experiment": run("whole")}
 
 
 def run_local(overrides: list[str], out: Path) -> float:
-    from fedrank.job import execute
     from fedrank.config import load_config
+    from fedrank.job import execute
 
     t = time.perf_counter()
     execute(load_config(None, overrides), out)
     return time.perf_counter() - t
 
 
-def run_deployment(overrides: list[str], work: Path) -> float:
-    from fedrank.config import load_config, save_config
+def run_deployment(config: Path, work: Path, nodes: int) -> float:
     from fedrank.runtime.loopback import loopback_deployment
 
-    work.mkdir(parents=True)
-    cfg_path = work / "small.toml"
-    save_config(load_config(None, overrides), cfg_path)
-    with loopback_deployment(work, 2, connection="bench") as dep:
+    with loopback_deployment(work, nodes, connection="bench") as dep:
         t = time.perf_counter()
-        run = dep.run(cfg_path, work / "run", timeout=1800)
+        run = dep.run(config, work / "run", timeout=3600)
         elapsed = time.perf_counter() - t
         if run.returncode != 0 or not (work / "run" / "summary.json").is_file():
             raise RuntimeError(f"the deployment run did not finish: see {dep.logs}\n{run.stdout}{run.stderr}")
@@ -50,20 +100,41 @@ def run_deployment(overrides: list[str], work: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", choices=list(JOBS), default="small", help="small (tiny, the default) or the default job")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--nodes", type=int, nargs="+", default=[2], help="SuperNodes of the loopback deployment(s)")
     ap.add_argument("--skip-deployment", action="store_true")
+    ap.add_argument("--skip-runs", action="store_true", help="only the per-message cost")
+    ap.add_argument("--probe", nargs=3, metavar=("MODE", "CONFIG", "CLIENTS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    overrides = SMALL + [f"rounds={args.rounds}"]
-    times: dict[str, float] = {}
+    if args.probe:
+        mode, config, clients = args.probe
+        probe(mode, Path(config), [int(c) for c in clients.split(",")])
+        return
+    from fedrank.config import load_config, save_config
+
+    overrides = JOBS[args.job] + [f"rounds={args.rounds}"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        times["local"] = run_local(overrides + ["runtime=local"], work / "local")
-        times["flower simulation"] = run_local(overrides + ["runtime=flower"], work / "simulation")
+        config = work / "job.toml"
+        cfg = load_config(None, overrides)
+        save_config(cfg, config)
+        costs = per_message(config, cfg.clients.count, args.nodes[0], work / "cache")
+        print(f"\nper-message fixed cost of a ClientApp, s ({args.job} job, node 0 of {args.nodes[0]}, "
+              f"{os.cpu_count()} CPUs)")
+        print(f"{'':<30} {'import':>8} {'build':>8} {'load':>8} {'total':>8}")
+        for name, c in costs.items():
+            print(f"{name:<30} {c['import']:8.2f} {c['build']:8.2f} {c['load']:8.2f} {sum(c.values()):8.2f}")
+        if args.skip_runs:
+            return
+        times = {"local": run_local(overrides + ["runtime=local"], work / "local"),
+                 "flower simulation": run_local(overrides + ["runtime=flower"], work / "simulation")}
         if not args.skip_deployment:
-            times["flower deployment (loopback)"] = run_deployment(overrides, work / "deployment")
-    print(f"\n{'runtime':<30} {'wall s':>8} {'x local':>8}   ({args.rounds} rounds, {os.cpu_count()} CPUs)")
+            for n in args.nodes:
+                times[f"loopback deployment, {n} nodes"] = run_deployment(config, work / f"deployment{n}", n)
+    print(f"\n{'runtime':<32} {'wall s':>8} {'x local':>8}   ({args.job} job, {args.rounds} rounds)")
     for name, t in times.items():
-        print(f"{name:<30} {t:8.1f} {t / times['local']:8.2f}")
+        print(f"{name:<32} {t:8.1f} {t / times['local']:8.2f}")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,8 @@ import numpy as np
 import pytest
 
 from fedrank.config import ConfigError, DataConfig
-from fedrank.data import (
-    Splits,
-    TextDataset,
-    high_quality_clients,
-    load_splits,
-    local_split,
-    partition,
-)
+from fedrank.data import Splits, TextDataset, load_splits
+from fedrank.data.partition import high_quality_clients, local_split, partition
 from fedrank.data.sources import bbc_articles
 
 TOPICS = ["business", "entertainment", "politics", "sports", "tech"]

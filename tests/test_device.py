@@ -99,14 +99,15 @@ def test_a_supernode_picks_its_own_device_through_its_node_config(monkeypatch: p
 
     built: list[str] = []
 
-    def build(cfg):  # the client of a built experiment, here just the device it was built for
+    def build_node_client(cfg, clients):  # a node's client, here just the device it was built for
         built.append(cfg.device)
-        return SimpleNamespace(client=cfg.device)
+        return SimpleNamespace(device=cfg.device, data=SimpleNamespace(require=lambda clients: None))
 
-    monkeypatch.setattr(experiment, "build", build)
+    monkeypatch.setattr(experiment, "build_node_client", build_node_client)
     monkeypatch.setattr(flower, "_CLIENTS", {})
     config = flower.config_text(load_config(None, ["device=auto"]))
     msg = SimpleNamespace(content={"task": {"config": config}})
-    assert flower.node_client(msg, SimpleNamespace(node_config={"device": "cpu"})) == "cpu"
-    assert flower.node_client(msg, SimpleNamespace(node_config={})) == "auto"  # the run config's device
-    assert flower.node_client(msg, SimpleNamespace(node_config={})) == "auto" and built == ["cpu", "auto"]  # cached
+    assert flower.node_client(msg, SimpleNamespace(node_config={"device": "cpu"})).device == "cpu"
+    assert flower.node_client(msg, SimpleNamespace(node_config={})).device == "auto"  # the run config's device
+    assert flower.node_client(msg, SimpleNamespace(node_config={})).device == "auto"
+    assert built == ["cpu", "auto"]  # cached

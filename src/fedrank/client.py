@@ -9,7 +9,7 @@ precision (``fedrank.compute``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +70,7 @@ class ClientData:
 class FedClient:
     """A client process's state: the method's client half, the shared model and the clients' data."""
 
-    def __init__(self, method: Method, model: AdaptedModel, cfg: TrainConfig, data: dict[int, ClientData],
+    def __init__(self, method: Method, model: AdaptedModel, cfg: TrainConfig, data: Mapping[int, ClientData],
                  num_labels: int, pad_id: int, seed: int, task: LearningTask | None = None) -> None:
         self.method, self.model, self.cfg, self.data = method, model, cfg, data
         self.num_labels, self.pad_id, self.seed = num_labels, pad_id, seed

@@ -1,4 +1,4 @@
-"""Labelled text sources: packaged BBC News, JSONL/CSV files and Hugging Face datasets.
+"""Labelled text sources: packaged BBC News, JSONL/CSV files and Hugging Face datasets (``fedrank.data.hf``).
 
 Every source becomes a :class:`Splits` of two :class:`TextDataset` s whose labels are
 ``0..K-1`` over the same ``label_names``. Raw labels are compared as strings; names are
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 
 from fedrank.config import ConfigError, DataConfig
@@ -70,7 +69,9 @@ def _load_source(cfg: DataConfig, seed: int) -> Splits:
         return _bbc_splits(cfg.test_fraction, seed)
     if cfg.dataset.endswith((".jsonl", ".csv")):
         return _file_splits(Path(cfg.dataset), cfg, seed)
-    return _hf_splits(cfg, seed)
+    from fedrank.data.hf import hf_splits  # imports the datasets library only for Hugging Face data
+
+    return hf_splits(cfg, seed)
 
 
 def holdout_size(n: int, fraction: float) -> int:
@@ -236,53 +237,3 @@ def _file_splits(path: Path, cfg: DataConfig, seed: int) -> Splits:
         raw.append(record[cfg.label_field])
     data = _encode(texts, raw, _label_names(raw, str(path), cfg.label_field))
     return _split_by_group(data, range(len(data)), cfg.test_fraction, seed, str(path))
-
-
-# --------------------------------------------------------------------------- Hugging Face datasets
-
-
-def _open_hf(name: str) -> datasets.Dataset | datasets.DatasetDict:
-    """``load_from_disk`` for a ``save_to_disk`` folder, else ``load_dataset`` (hub name or data folder)."""
-    path = Path(name)
-    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-    try:
-        return datasets.load_from_disk(name) if saved else datasets.load_dataset(name)
-    except Exception as err:  # load_dataset raises many unrelated types for "cannot get it"
-        reason = str(err).splitlines()[0] if str(err) else ""
-        raise ConfigError(
-            f"cannot load dataset `{name}` ({type(err).__name__}: {reason}): without network access, "
-            "pass a local .jsonl/.csv file or a save_to_disk folder as data.dataset"
-        ) from None
-
-
-def _hf_columns(split: datasets.Dataset, cfg: DataConfig, where: str) -> tuple[list[str], list[Any]]:
-    """Checked texts and raw labels (ClassLabel ids become their names)."""
-    _check_fields(split.column_names, cfg, where)
-    raw = split[cfg.label_field]
-    feature = split.features[cfg.label_field]
-    if isinstance(feature, datasets.ClassLabel):
-        raw = feature.int2str(list(raw))
-    texts = [_check_example(t, y, cfg, f"{where} row {i}") for i, (t, y) in enumerate(zip(split[cfg.text_field], raw))]
-    return texts, list(raw)
-
-
-def _hf_label_names(feature: Any, raw: Sequence[Any], cfg: DataConfig) -> list[str]:
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    return _label_names(raw, cfg.dataset, cfg.label_field)
-
-
-def _hf_splits(cfg: DataConfig, seed: int) -> Splits:
-    """Split ``train`` and, if present, ``cfg.test_split``; else a seeded stratified split of ``train``."""
-    loaded = _open_hf(cfg.dataset)
-    parts = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    if "train" not in parts:
-        raise ConfigError(f"dataset `{cfg.dataset}` has no `train` split (splits: {', '.join(parts)})")
-    feature = parts["train"].features.get(cfg.label_field)
-    texts, raw = _hf_columns(parts["train"], cfg, f"dataset `{cfg.dataset}` split `train`")
-    if cfg.test_split not in parts:
-        data = _encode(texts, raw, _hf_label_names(feature, raw, cfg))
-        return _split_by_group(data, range(len(data)), cfg.test_fraction, seed, cfg.dataset)
-    test_texts, test_raw = _hf_columns(parts[cfg.test_split], cfg, f"dataset `{cfg.dataset}` split `{cfg.test_split}`")
-    names = _hf_label_names(feature, raw + test_raw, cfg)
-    return Splits(_encode(texts, raw, names), _encode(test_texts, test_raw, names))

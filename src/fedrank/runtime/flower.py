@@ -223,24 +223,39 @@ _LOCK = threading.Lock()
 _RUN_LOCK = threading.Lock()  # one model per process: messages handled in threads take turns
 
 
-def cached_client(config: str, device: str = "") -> FedClient:
-    """This process's ``FedClient`` for a config (built once: model, data and method), on ``device`` when given
-    (a SuperNode's own choice), else on the config's."""
+def cached_client(config: str, device: str = "", partition: tuple[int, int] | None = None) -> FedClient:
+    """This process's ``FedClient`` for a config, with the data of the clients of ``partition`` = (i, n) (the
+    clients ``c`` with ``c % n == i``; every client when ``None``) loaded.
+
+    The model and method are built once per process (on ``device`` when given, a SuperNode's own choice, else on
+    the config's); each client's data is read from the shard cache or built once (``fedrank.shards``)."""
+    from fedrank.experiment import build_node_client
+
     key = hashlib.sha256(f"{device}\n{config}".encode()).hexdigest()
     with _LOCK:
+        cfg = config_from_text(config)
+        i, n = partition or (0, 1)
+        clients = [c for c in range(cfg.clients.count) if c % n == i]
         if key not in _CLIENTS:
-            from fedrank.experiment import build
-
             _CLIENTS.clear()
-            cfg = config_from_text(config)
             cfg.device = device or cfg.device
-            _CLIENTS[key] = build(cfg).client
-        return _CLIENTS[key]
+            _CLIENTS[key] = build_node_client(cfg, clients)
+        client = _CLIENTS[key]
+        client.data.require(clients)
+        return client
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) of a node (its ``--node-config``; 0 of 1 when not given)."""
+    nc = context.node_config
+    return int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
 
 
 def node_client(msg: Message, context: Context) -> FedClient:
-    """The client for a message's config on this node's ``device`` (node config), if it names one."""
-    return cached_client(str(msg.content["task"]["config"]), str(context.node_config.get("device", "")))
+    """The client for a message's config with this node's clients' data, on this node's ``device`` (node config)
+    if it names one."""
+    return cached_client(str(msg.content["task"]["config"]), str(context.node_config.get("device", "")),
+                         node_partition(context))
 
 
 def _maybe_fault(task: Task) -> None:
@@ -284,9 +299,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 @client_app.query("partition")
 def _partition(msg: Message, context: Context) -> Message:
-    nc = context.node_config
-    rec = ConfigRecord({"partition-id": int(nc.get("partition-id", 0)),
-                        "num-partitions": int(nc.get("num-partitions", 1))})
+    i, n = node_partition(context)
+    rec = ConfigRecord({"partition-id": i, "num-partitions": n})
     return Message(RecordDict({"partition": rec}), reply_to=msg)
 
 
