@@ -42,9 +42,10 @@ def test_hooks_see_the_start_every_client_and_every_round_also_on_resume(tmp_pat
     seen: dict[str, list] = {"start": [], "client": [], "round": []}
     hooks = Hooks(start=seen["start"].append, client=seen["client"].append, round=seen["round"].append,
                   log=lambda line: None)
-    cfg = load_config(None, TINY + ["rounds=1"])
+    cheap = TINY + ["train.local_steps=1", "eval.max_examples=8"]
+    cfg = load_config(None, cheap + ["rounds=1"])
     execute(cfg, tmp_path, hooks)
-    longer = load_config(None, TINY + ["rounds=2"])
+    longer = load_config(None, cheap + ["rounds=2"])
     summary = execute(longer, tmp_path, hooks)  # resumes after round 1
     assert seen["start"] == [0, 1]
     assert [t.round for t in seen["client"]] == [1] * cfg.clients.per_round + [2] * cfg.clients.per_round
