@@ -99,3 +99,14 @@ def test_report_adds_paired_differences_and_a_head_refit_that_fixes_a_random_hea
         assert refit[head]["train_examples"] == 120 and {"after_r2", "after_r8"} <= refit[head].keys()
     # a head frozen at its random init is near chance; a probe on the same features is far better
     assert refit["frozen"]["after_r8"] > refit["frozen"]["before_r8"] + 0.15
+
+
+def test_report_drops_a_torn_last_metrics_line_and_names_a_bad_middle_line(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "r", "zeropad", 0, 0.8, [0.5, 0.8])
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"round": 3, "accur')
+    assert [r["round"] for r in load_run(run).rows] == [1, 2]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "{not json", lines[1]]) + "\n")
+    with pytest.raises(ConfigError, match="line 2 is not valid JSON"):
+        load_run(run)

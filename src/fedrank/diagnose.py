@@ -119,11 +119,14 @@ def _head_features(exp, factors, head: dict, data) -> tuple[np.ndarray, float]:
 
 
 def head_refit(run_dir: Path, examples: int = 1000) -> dict[str, Any]:
-    """Refit only the head of a finished run's final global model by a linear probe (multinomial logistic
-    regression) on the global model's features of a seeded sample of ``examples`` TRAINING examples; return
+    """Refit only the head of a finished run's final global model by a linear probe (standardised features,
+    multinomial logistic regression with its L2 strength chosen by 3-fold cross-validation on the sample) on the
+    global model's features of a seeded sample of ``examples`` TRAINING examples; return
     test accuracy before and after, for the global model truncated to each rank tier (rank-ordered methods)
     or at full rank.  The test split is never used for fitting."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     cfg = load_config(run_dir / "config.toml")
     exp = build(cfg)
@@ -142,7 +145,8 @@ def head_refit(run_dir: Path, examples: int = 1000) -> dict[str, Any]:
         f, h = truncate(factors, r), exp.heads.for_rank(head, r)
         x_train, _ = _head_features(exp, f, h, sample)
         x_test, before = _head_features(exp, f, h, exp.test)
-        probe = LogisticRegression(max_iter=2000).fit(x_train, sample.labels)
+        probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=6, cv=3, max_iter=3000))
+        probe.fit(x_train, sample.labels)
         out[f"before_r{r}"] = before
         out[f"after_r{r}"] = float(probe.score(x_test, exp.test.labels))
     return out

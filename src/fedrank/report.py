@@ -52,8 +52,20 @@ def load_run(path: Path) -> RunRecord:
     if missing:
         raise ConfigError(f"{path} is not a finished fedrank run (missing {', '.join(missing)}): "
                           f"finish it with `fedrank run --resume {path}`")
-    rows = [json.loads(line) for line in files[1].read_text().splitlines() if line.strip()]
-    return RunRecord(path, load_config(files[0]), rows, json.loads(files[2].read_text()))
+    return RunRecord(path, load_config(files[0]), _metric_rows(files[1]), json.loads(files[2].read_text()))
+
+
+def _metric_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a last line cut by a crash is dropped, any other bad line is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ConfigError(f"{path} line {number} is not valid JSON: restore the file or rerun the run") from None
+    return rows
 
 
 def headline_of(runs: list[RunRecord]) -> Headline:
@@ -199,7 +211,7 @@ def markdown_table(rows: list[dict[str, Any]], target: float, key: str = ACCURAC
 
 def _series(group_runs: list[RunRecord], key: str) -> tuple[list[int], list[float]]:
     """Rounds where ``key`` was recorded (``eval.every`` may skip some) and its mean over the runs there."""
-    rounds = sorted({row["round"] for r in group_runs for row in r.rows if key in row})
+    rounds = sorted({row["round"] for r in group_runs for row in r.rows if row.get(key) is not None})
     return rounds, [_mean_at(group_runs, k, lambda row: row[key] if key in row else None) for k in rounds]
 
 
