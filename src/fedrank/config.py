@@ -41,6 +41,9 @@ class RanksConfig:
                              min=1)
     fractions: list[float] = _opt([], "share of clients in each tier of `values` (fixed/random); sums to 1")
     top_fraction: float = _opt(0.1, "quality policy: share of clients raised to the high rank after round 1", min=0.0, max=1.0)
+    quality_by: str = _opt("validation", "quality policy: what ranks the clients after round 1: validation (each "
+                           "client's local validation score of the global model, Byun & Lee) | size (training "
+                           "examples: the data-rich clients get the high rank)", choices=("validation", "size"))
     budget: float = _opt(0.0, "budget policy: total uplink parameters per round over all sampled clients", min=0.0)
     distribution: str = _opt("uniform", "random policy without fractions: uniform | heavy_tail over `values`")
 

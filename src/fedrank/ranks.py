@@ -122,8 +122,9 @@ class RankPolicy(ABC):
     def _assign(self, round: int, clients: list[int], sizes: list[int]) -> list[int]:
         """:meth:`ranks` after its argument checks."""
 
-    def observe_scores(self, scores: Mapping[int, float]) -> None:
-        """Take client id → local validation score (higher is better); ignored by default."""
+    def observe_scores(self, scores: Mapping[int, float], sizes: Sequence[int] | None = None) -> None:
+        """Take client id → local validation score (higher is better) and every client's training examples;
+        ignored by default."""
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state for checkpoints; empty for stateless policies."""
@@ -193,9 +194,10 @@ class RandomPolicy(_PerClientPolicy):
 class QualityPolicy(_PerClientPolicy):
     """Byun & Lee: all clients start at the low rank of ``values=[low, high]``.
 
-    After round 1 the top ``⌈top_fraction · N⌉`` clients by local validation score move to
-    the high rank for all later rounds.  Ties go to the lower client id; clients without a
-    score (missing or NaN) rank below every scored client.
+    After round 1 the top ``⌈top_fraction · N⌉`` clients by local validation score
+    (``quality_by = "validation"``) or by training examples (``"size"``) move to the high rank for
+    all later rounds.  Ties go to the lower client id; clients without a score (missing or NaN)
+    rank below every scored client.
     """
 
     needs_scores_after_round: ClassVar[int | None] = 1
@@ -213,9 +215,15 @@ class QualityPolicy(_PerClientPolicy):
         # The tolerance keeps float noise from adding a client: 0.07 · 100 is 7.000000000000001.
         self._top = math.ceil(cfg.top_fraction * num_clients - _TOLERANCE)
         self._ranks = [self._low] * num_clients
+        self.quality_by = cfg.quality_by
 
-    def observe_scores(self, scores: Mapping[int, float]) -> None:
-        """Raise the top clients by ``scores`` to the high rank; everyone else is at the low rank."""
+    def observe_scores(self, scores: Mapping[int, float], sizes: Sequence[int] | None = None) -> None:
+        """Raise the top clients to the high rank, by ``scores`` or, with ``quality_by = "size"``, by ``sizes``
+        (training examples per client id); everyone else is at the low rank."""
+        if self.quality_by == "size":
+            if sizes is None or len(sizes) != self.num_clients:
+                raise ValueError(f"quality_by='size' needs the sizes of all {self.num_clients} clients")
+            scores = {c: float(s) for c, s in enumerate(sizes)}
         unknown = [c for c in scores if not 0 <= c < self.num_clients]
         if unknown:
             raise ValueError(f"scores for client ids {unknown} that are not in 0..{self.num_clients - 1}")

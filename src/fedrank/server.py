@@ -206,7 +206,7 @@ class Server:
         if exp.policy.needs_scores_after_round == rnd:
             scores = self.runtime.validate(exp.method.global_factors(state),
                                            exp.heads.for_rank(head, exp.policy.global_rank), range(cfg.clients.count))
-            exp.policy.observe_scores(scores)
+            exp.policy.observe_scores(scores, exp.sizes)
         t3 = time.perf_counter()
         row.update(train_s=t1 - t0, aggregate_s=t2 - t1, eval_s=t3 - t2)
         return state, head, row
