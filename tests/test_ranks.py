@@ -308,7 +308,7 @@ def test_fixed_tiers_without_fractions_are_equal_shares() -> None:
 def test_quality_policy_by_size_raises_the_data_rich_clients() -> None:
     """``quality_by = "size"``: after round 1 the clients with the most training examples get the high rank,
     whatever their validation scores (the ablation of who Byun & Lee's policy raises)."""
-    p = policy(6, policy="quality", values=[2, 8], top_fraction=0.34, quality_by="size")
+    p = policy(6, policy="quality", values=[2, 8], top_fraction=0.3, quality_by="size")  # ⌈1.8⌉ = 2
     p.observe_scores({c: float(c) for c in range(6)}, sizes=[50, 10, 90, 90, 5, 20])
     assert p.ranks(2, list(range(6)), [1] * 6) == [2, 2, 8, 8, 2, 2]
     with pytest.raises(ValueError, match="sizes of all 6"):
