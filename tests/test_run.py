@@ -29,6 +29,7 @@ from closeness import (LOSS_RTOL, MODEL_RTOL, TIE_EXAMPLES, assert_same_metrics,
 
 EVAL_EXAMPLES = 32  # test paragraphs evaluated after each round
 TINY = [
+    "method=replication",  # the runtime, resume and fault tests were written against it; the default is flexlora
     "rounds=2", "clients.count=4", "clients.per_round=3", "train.local_steps=2", "train.batch_size=4",
     "train.max_length=32", "ranks.values=[2,4,2,8]", "ranks.fractions=[]", f"eval.max_examples={EVAL_EXAMPLES}",
     "eval.final_full=false", "data.max_train_examples=120", "data.partition=iid",

@@ -137,8 +137,8 @@ class FaultsConfig:
 
 @dataclass
 class Config:
-    method: str = _opt("replication", "fedit | zeropad | hetlora | replication | updatepad | orderedfold | flora | "
-                       "flexlora | fedplora | ffa")
+    method: str = _opt("flexlora", "fedit | zeropad | hetlora | replication | updatepad | orderedfold | flora | "
+                       "flexlora | fedplora | ffa (default flexlora: docs/results/replication)")
     task: str = _opt("classify", "classify (encoder + classifier head) | generate-label (causal LM answers the label "
                      "word) | instruct (causal LM on prompt/response JSONL)",
                      choices=("classify", "generate-label", "instruct"))
