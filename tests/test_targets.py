@@ -80,7 +80,7 @@ def test_classify_exports_a_portable_adapter_that_evaluates_offline(model: str, 
         "--set", "rounds=2", "--set", "clients.count=2", "--set", "clients.per_round=2", "--set", "ranks.values=[2,4]",
         "--set", "train.local_steps=2", "--set", "train.batch_size=4", "--set", "train.max_length=16",
         "--set", "data.partition=iid", "--set", "data.test_fraction=0.25", "--set", "eval.batch_size=16",
-        "--set", "threads=1", "--set", "seed=3"])
+        "--set", "threads=1", "--set", "seed=3", "--set", "method=replication"])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == hub_id
