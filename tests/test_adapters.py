@@ -97,6 +97,10 @@ def test_trainable_is_exactly_the_active_factors_and_head() -> None:
     trainable = {n for n, p in model.peft.named_parameters() if p.requires_grad}
     assert len(lora) == 12 and len(head) == 2
     assert all("lora_B.r4" in n or "classifier" in n for n in trainable)
+    lora, head = model.trainable(train_head=False)  # a frozen head (server.head = frozen)
+    trainable = {n for n, p in model.peft.named_parameters() if p.requires_grad}
+    assert len(lora) == 24 and head == []
+    assert trainable and all("lora_A.r4" in n or "lora_B.r4" in n for n in trainable)
 
 
 def test_export_reloads_as_the_global_model(tmp_path, batch) -> None:

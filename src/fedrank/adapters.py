@@ -147,15 +147,16 @@ class AdaptedModel:
         return {layer: (_to_cpu(mod.lora_A[name].weight), _to_cpu(mod.lora_B[name].weight) / ratio)
                 for layer, mod in self.layers.items()}
 
-    def trainable(self, train_A: bool = True) -> tuple[list[Tensor], list[Tensor]]:
-        """Mark exactly the active adapter's factors and the head trainable; return (lora, head) params."""
+    def trainable(self, train_A: bool = True, train_head: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+        """Mark exactly the active adapter's factors (B, and A unless ``train_A`` is False) and the head (unless
+        ``train_head`` is False) trainable; return the (lora, head) params that train."""
         name = f"r{self.rank}"
         for p in self.peft.parameters():
             p.requires_grad_(False)
         lora = [mod.lora_B[name].weight for mod in self.layers.values()]
         if train_A:
             lora += [mod.lora_A[name].weight for mod in self.layers.values()]
-        head = list(self.head_params.values())
+        head = list(self.head_params.values()) if train_head else []
         for p in lora + head:
             p.requires_grad_(True)
         return lora, head

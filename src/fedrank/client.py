@@ -105,11 +105,7 @@ class FedClient:
     def _train(self, task: Task, train_A: bool, train_head: bool = True) -> float:
         """Local steps on the active adapter (and the head when the server sent one; else it stays frozen)."""
         cfg, model, data = self.cfg, self.model, self.data[task.client].train
-        lora, head = model.trainable(train_A)
-        if not train_head:
-            for p in head:
-                p.requires_grad_(False)
-            head = []
+        lora, head = model.trainable(train_A, train_head)
         groups = [{"params": lora, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         steps = local_steps(cfg, len(data))

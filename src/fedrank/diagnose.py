@@ -23,7 +23,7 @@ from fedrank.methods import Task
 from fedrank.methods.base import truncate, unpack
 from fedrank.runtime.registry import make_runtime
 from fedrank.ranks import make_rank_policy
-from fedrank.server import BEFORE, RunFiles, Server, sample_clients
+from fedrank.server import RunFiles, Server, sample_clients, split_checkpoint
 
 
 def round_one(cfg: Config) -> dict[str, Any]:
@@ -133,10 +133,10 @@ def head_refit(run_dir: Path, examples: int = 1000) -> dict[str, Any]:
     ckpt = checkpoint.latest(run_dir / "checkpoints")
     if ckpt is None:
         raise ConfigError(f"{run_dir} has no checkpoint to refit: finish the run first (fedrank run --resume {run_dir})")
-    state, head = split_head({k: v for k, v in ckpt.tensors.items() if not k.startswith(BEFORE)})
-    train = exp.task.encode(exp.splits.train)
+    state, head, _ = split_checkpoint(ckpt.tensors)
+    train = exp.splits.train
     pick = np.random.default_rng([cfg.seed, 11]).choice(len(train), min(examples, len(train)), replace=False)
-    sample = train.subset(sorted(pick.tolist()))
+    sample = exp.task.encode(train.subset(sorted(pick.tolist())))  # tokenise the sample only
     factors = exp.method.global_factors(state)
     tiers = exp.policy.tiers if exp.method.rank_ordered and cfg.eval.tiers else [exp.policy.global_rank]
     out: dict[str, Any] = {"run": run_dir.name, "method": cfg.method, "head": cfg.server.head, "seed": cfg.seed,

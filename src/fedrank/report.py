@@ -171,7 +171,7 @@ def _paired_stats(diffs: list[float], stats: Any, gain: Callable[[float], float]
     signs = [[1 if (mask >> i) & 1 else -1 for i in range(n)] for mask in range(2**n)]
     extreme = sum(abs(sum(s * d for s, d in zip(sign, diffs))) >= abs(sum(diffs)) - 1e-12 for sign in signs)
     return {"diffs": diffs, "mean": mean, "std": std, "t_p": t_p, "perm_p": extreme / 2**n,
-            "wins": sum(gain(d) > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}
+            "wins": sum(gain(d) > 0 for d in diffs)}
 
 
 def paired_markdown(rows: list[dict[str, Any]], baseline: str, target: float, headline: Headline = ACCURACY) -> str:

@@ -28,6 +28,13 @@ from fedrank.validation import check_reply
 BEFORE = "before/"  # checkpoint prefix: the global slots above the lowest tier one round back (eval.dynamics)
 
 
+def split_checkpoint(tensors: Tensors) -> tuple[Tensors, Tensors, Tensors | None]:
+    """A checkpoint's (method state, head state, high slots one round back or None)."""
+    before = {k.removeprefix(BEFORE): v for k, v in tensors.items() if k.startswith(BEFORE)}
+    state, head = split_head({k: v for k, v in tensors.items() if not k.startswith(BEFORE)})
+    return state, head, before or None
+
+
 def nbytes(tensors: Tensors) -> int:
     """Bytes on the wire: the tensors actually exchanged."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -95,9 +102,7 @@ class Server:
             return 0, exp.method.init_state(), exp.heads.init_state(exp.model.get_head()), {"upload": 0, "download": 0}
         exp.policy.load_state_dict(ckpt.meta["policy"])
         self.files.rewrite_metrics(self.files.read_metrics(up_to=ckpt.round))
-        before = {k.removeprefix(BEFORE): v for k, v in ckpt.tensors.items() if k.startswith(BEFORE)}
-        self.before = before or None
-        state, head = split_head({k: v for k, v in ckpt.tensors.items() if not k.startswith(BEFORE)})
+        state, head, self.before = split_checkpoint(ckpt.tensors)
         return ckpt.round, state, head, ckpt.meta["totals"]
 
     def _save(self, round: int, state: Tensors, head: Tensors, totals: dict[str, int]) -> None:
