@@ -10,8 +10,10 @@
    matmuls) as ``4 · N_frozen · tokens`` (forward plus the input-gradient half of backward; frozen weights
    get no weight gradient) plus ``6 · N_trainable · tokens``; attention's score products are left out.
 3. Hardware and precision: the device, the CPU and its flags that matter for low precision (AMX,
-   AVX-512 bf16/fp16), the matmul peak per dtype, and one MiniLM training step (the default job's
-   batch) per ``--precisions`` (autocast), with its FLOP/s as a share of the same dtype's peak.
+   AVX-512 bf16/fp16), the matmul peak per dtype, and one training step of MiniLM (the default job's
+   batch) and of SmolLM2-135M (8 × 64) per ``--precisions``, a low precision both as autocast over the
+   fp32 base and with the frozen base stored in that dtype; FLOPs counted by torch's FlopCounterMode,
+   as a share of the same dtype's peak.
 
     python benchmarks/federation.py [--rounds 3] [--steps 10] [--per-round 2] [--repeats 2]
     python benchmarks/federation.py --parts hardware --precisions fp32,bf16,fp16
@@ -23,9 +25,11 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedrank.client import batch_order, evaluate
 from fedrank.compute import PRECISIONS, Compute
@@ -78,9 +82,8 @@ def cpu_description() -> tuple[str, list[str]]:
     return fields.get("model name", "unknown CPU"), [f for f in CPU_FLAGS if f in flags]
 
 
-def training_step_seconds(exp, compute: Compute, steps: int) -> tuple[float, int]:
-    """(best seconds per step, tokens per step) of fedrank's training step on one fixed batch under ``compute``'s
-    autocast."""
+def training_step(exp, compute: Compute) -> tuple[Callable[[], None], int]:
+    """(one fedrank training step on a fixed batch under ``compute``'s autocast, tokens per step)."""
     model, cfg = exp.model, exp.cfg
     model.use_rank(8)
     lora, head = model.trainable()
@@ -98,28 +101,52 @@ def training_step_seconds(exp, compute: Compute, steps: int) -> tuple[float, int
         if compute.device.type == "cuda":
             torch.cuda.synchronize()
 
-    seconds = best_seconds(step, steps, trials=3)
-    model.peft.eval()
-    return seconds, int(batch["attention_mask"].sum())
+    return step, int(batch["attention_mask"].sum())
+
+
+def step_flops(step: Callable[[], None]) -> int:
+    """The FLOPs of one call of ``step``, counted by torch's FlopCounterMode (every matmul, attention included)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+# Part 3's models: (label, config file, overrides). SmolLM2 at the batch of the issue's measurement (8 × 64).
+STEP_MODELS = [
+    ("MiniLM-L6 classify", None, ["eval.final_full=false"]),
+    ("SmolLM2-135M generate-label", "configs/smollm2_bbc_hetero.toml",
+     ["clients.count=2", "clients.per_round=2", "data.max_train_examples=64", "train.batch_size=8",
+      "train.max_length=64", "eval.final_full=false"]),
+]
 
 
 def hardware_and_precision(precisions: list[str], steps: int) -> None:
-    """Part 3: device, CPU flags, matmul peak per dtype, and one MiniLM training step per precision."""
-    exp = build(load_config(None, ["eval.final_full=false"]))
-    device = exp.task.compute.device
+    """Part 3: device, CPU flags, matmul peak per dtype, and one training step per model and precision.
+
+    A low precision is timed twice: autocast over the fp32 base (every Linear weight cast at every matmul) and
+    with the frozen base stored in that dtype, as fedrank builds it for ``precision = bf16 | fp16``.
+    """
     name, flags = cpu_description()
+    device = Compute.of("auto", "fp32").device
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"3. hardware and precision: device {device}{gpu}; CPU {name}, {torch.get_num_threads()} threads; "
           f"flags: {', '.join(flags) or 'none of ' + ', '.join(CPU_FLAGS)}")
-    frozen, trainable = linear_weights(exp.model.peft)
-    for precision in precisions:
-        dtype = PRECISIONS[precision] or torch.float32
-        peak = matmul_flops(dtype=dtype, device=device)
-        seconds, tokens = training_step_seconds(exp, Compute(device, precision), steps)
-        achieved = (4 * frozen + 6 * trainable) * tokens / seconds
-        print(f"   {precision}: matmul peak {peak / 1e9:8.1f} GFLOP/s; MiniLM step ({exp.cfg.train.batch_size} × "
-              f"{tokens // exp.cfg.train.batch_size} tokens) {1e3 * seconds:7.1f} ms, {achieved / 1e9:6.1f} GFLOP/s "
-              f"= {100 * achieved / peak:.0f}% of the {precision} peak")
+    peaks = {p: matmul_flops(dtype=PRECISIONS[p] or torch.float32, device=device) for p in precisions}
+    print("   2048² matmul peak: " + ", ".join(f"{p} {peak / 1e9:.1f} GFLOP/s" for p, peak in peaks.items()))
+    for label, config, overrides in STEP_MODELS:
+        fp32 = build(load_config(config, overrides))
+        for precision in precisions:
+            variants = [("", fp32)] if precision == "fp32" else [
+                (" autocast, fp32 base", fp32),
+                (f" autocast, {precision} base", build(load_config(config, overrides + [f"precision={precision}"])))]
+            for variant, exp in variants:
+                step, tokens = training_step(exp, Compute(device, precision))
+                flops = step_flops(step)
+                seconds = best_seconds(step, steps, trials=3)
+                exp.model.peft.eval()
+                print(f"   {label} ({exp.cfg.train.batch_size} × {tokens // exp.cfg.train.batch_size} tokens), "
+                      f"{precision}{variant}: {1e3 * seconds:7.1f} ms/step, {flops / seconds / 1e9:6.1f} GFLOP/s "
+                      f"= {100 * flops / seconds / peaks[precision]:.0f}% of the {precision} peak")
 
 
 def linear_weights(model: torch.nn.Module) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedrank import wire
+from fedrank.adapters import AdaptedModel
 from fedrank.client import split_head
 from fedrank.compute import Compute
 from fedrank.config import load_config
@@ -117,7 +118,30 @@ def test_fp16_trains_through_a_loss_scaler(monkeypatch: pytest.MonkeyPatch) -> N
     upload, _ = split_head(reply.tensors)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in upload.values())
     assert any(not torch.equal(upload[k], payload[k]) for k in upload if k.endswith("#B"))  # it trained
-    assert all(p.dtype == torch.float32 for p in exp.model.peft.parameters())
+    assert all(p.dtype == torch.float32 for p in exp.model.peft.parameters() if p.requires_grad)
+
+
+def fit_one_client(precision: str) -> tuple[float, dict[str, torch.Tensor], AdaptedModel]:
+    exp = build(load_config(None, LEARN + [f"precision={precision}", "train.local_steps=3"]))
+    task = Task(0, 8, 1)  # rank 8: an adapter created after the base was cast
+    reply, stats = exp.client.fit(task, exp.method.payload(exp.method.init_state(), task))
+    return stats["train_loss"], reply.tensors, exp.model
+
+
+def test_the_frozen_base_is_stored_in_the_autocast_dtype_and_trains_as_if_cast_every_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    stored_loss, stored, model = fit_one_client("bf16")
+    frozen = [m.weight for n, m in model.peft.named_modules()
+              if isinstance(m, torch.nn.Linear) and "lora_" not in n and "classifier" not in n]
+    assert frozen and all(w.dtype == torch.bfloat16 for w in frozen)
+    trainable = [p for n, p in model.peft.named_parameters() if "lora_" in n or "classifier" in n]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # every rank's factors and the head
+    assert all(w.dtype == torch.float32 for w in model.W0.values())
+    monkeypatch.setattr(AdaptedModel, "_store_frozen_linears", lambda self: None)  # fp32 base, cast per matmul
+    cast_loss, cast, _ = fit_one_client("bf16")
+    assert stored_loss == pytest.approx(cast_loss, rel=1e-6)
+    for k in cast:
+        torch.testing.assert_close(stored[k], cast[k], rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- comm.dtype

@@ -84,7 +84,8 @@ class AdaptedModel:
     """One base model with per-rank PEFT LoRA adapters and a trainable head shared by all clients."""
 
     def __init__(self, model: PreTrainedModel, target_modules: Sequence[str], head_modules: Sequence[str],
-                 scale: float, scaling: str, dropout: float, global_rank: int, task_type: str | None = None) -> None:
+                 scale: float, scaling: str, dropout: float, global_rank: int, task_type: str | None = None,
+                 frozen_dtype: torch.dtype | None = None) -> None:
         self.scale, self.scaling, self.dropout, self.task_type = scale, scaling, dropout, task_type
         self.target_modules, self.global_rank = list(target_modules), global_rank
         peft_scaling(scaling, scale, 1, 1)  # validate the policy name early
@@ -108,6 +109,23 @@ class AdaptedModel:
         self.head_params = {n: self.params[f"base_model.model.{n}"] for n in self.head_names}
         self._folded = False
         self.rank = 1
+        self.frozen_dtype = frozen_dtype
+        self._store_frozen_linears()
+
+    def _store_frozen_linears(self) -> None:
+        """Store the frozen base's Linear weights in ``frozen_dtype`` (the autocast dtype, or fp32 when None).
+
+        Autocast casts every Linear weight to its dtype before each matmul anyway, so storing them cast gives the
+        same arithmetic without the per-step cast.  LoRA factors, the head and the pristine ``W0`` stay fp32.
+        """
+        if self.frozen_dtype is None:
+            return
+        for name, mod in self.peft.named_modules():
+            if isinstance(mod, nn.Linear) and "lora_" not in name and not self._in_head(name):
+                mod.to(self.frozen_dtype)
+
+    def _in_head(self, module_name: str) -> bool:
+        return any(f".{h}." in f".{module_name}." for h in self.head_modules)
 
     @property
     def head_modules(self) -> list[str]:
@@ -128,6 +146,9 @@ class AdaptedModel:
         name = f"r{rank}"
         if name not in self.peft.peft_config:
             self.peft.add_adapter(name, self._config(rank))
+            for mod in self.layers.values():  # PEFT creates new factors in the base weight's dtype
+                mod.lora_A[name].float()
+                mod.lora_B[name].float()
             self.params = dict(self.peft.named_parameters())
         self.peft.set_adapter(name)
         self.rank = rank
