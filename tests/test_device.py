@@ -99,7 +99,7 @@ def test_a_supernode_picks_its_own_device_through_its_node_config(monkeypatch: p
 
     built: list[str] = []
 
-    def build_node_client(cfg, clients):  # a node's client, here just the device it was built for
+    def build_node_client(cfg, clients, data=""):  # a node's client, here just the device it was built for
         built.append(cfg.device)
         return SimpleNamespace(device=cfg.device, data=SimpleNamespace(require=lambda clients: None))
 

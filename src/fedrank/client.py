@@ -23,6 +23,7 @@ from fedrank.methods.base import Factors, task_generator
 from fedrank.tasks import Classify, Encoded, LearningTask, collate, task_of
 
 HEAD = "head/"
+EVAL_EXAMPLES = "eval_examples"  # a validation's number of examples, next to its metrics
 
 
 def split_head(tensors: Tensors) -> tuple[Tensors, dict[str, Tensor]]:
@@ -92,15 +93,16 @@ class FedClient:
         model.set_base(None)
         return Reply(task, float(len(self.data[task.client].train)), upload), {"train_loss": loss}
 
-    def validate(self, client: int, factors: Factors, head: dict[str, Tensor]) -> float:
-        """The task's score (accuracy; minus loss for instruct) of the given global model on this client's
-        local validation split (0 if it has none)."""
+    def validate(self, client: int, factors: Factors, head: dict[str, Tensor]) -> dict[str, float]:
+        """The task's metrics of the given global model on this client's local validation split, with the split's
+        size under ``EVAL_EXAMPLES`` (only that, 0, when the client has no validation example)."""
         val = self.data[client].val
         if len(val) == 0:
-            return 0.0
+            return {EVAL_EXAMPLES: 0.0}
         self.model.set_head(head)
         with self.model.merged(factors) as net:
-            return self.task.score(evaluate(net, val, self.num_labels, self.cfg.batch_size, self.pad_id))
+            metrics = evaluate(net, val, self.num_labels, self.cfg.batch_size, self.pad_id)
+        return {**metrics, EVAL_EXAMPLES: float(len(val))}
 
     def _train(self, task: Task, train_A: bool, train_head: bool = True) -> float:
         """Local steps on the active adapter (and the head when the server sent one; else it stays frozen)."""

@@ -17,6 +17,9 @@ from typing import Any
 import tomli_w
 
 
+NODES = "nodes"  # data.dataset: every Flower SuperNode trains on its own file (its node config's `data`)
+
+
 class ConfigError(ValueError):
     """A configuration problem, stated in one line that says how to fix it."""
 
@@ -50,7 +53,9 @@ class RanksConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _opt("bbc", "bbc (packaged BBC News), a .jsonl/.csv file, or a Hugging Face dataset name/path")
+    dataset: str = _opt("bbc", "bbc (packaged BBC News), a .jsonl/.csv file, a Hugging Face dataset name/path, or "
+                        "nodes (Flower deployment: every SuperNode trains on its own file, `--node-config "
+                        "\"data='PATH'\"`; the server reads no training data)")
     text_field: str = _opt("text", "field holding the input text (JSONL/CSV/HF)")
     label_field: str = _opt("label", "field holding the class label (JSONL/CSV/HF)")
     partition: str = _opt("dirichlet", "iid | dirichlet | quality (Byun & Lee quality-skewed)")
@@ -58,6 +63,11 @@ class DataConfig:
     high_quality_fraction: float = _opt(0.1, "quality partition: share of clients with balanced, larger shards", min=0.0, max=1.0)
     test_fraction: float = _opt(0.2, "share of articles (or examples) held out as the test split", min=0.01, max=0.9)
     max_train_examples: int = _opt(0, "subsample the training split to this many examples (0 = all)", min=0)
+    labels: list[str] = _opt([], "dataset = nodes: the label names, in label order (required); a node whose file "
+                             "has a label not in this list is refused")
+    test_path: str = _opt("", "dataset = nodes: the server's own test file (.jsonl/.csv/save_to_disk folder with "
+                          "text_field and label_field) that evaluates the global model; \"\" = the nodes' "
+                          "validation splits, their metrics weighted by their size")
     test_split: str = _opt("test", "Hugging Face datasets: name of the test split (falls back to a random split)")
     prompt_template: str = _opt("Text: {text}\nLabel:", "generate-label: the prompt; `{text}` is replaced by the "
                                 "example's text and the answer is ` <label word>`")
@@ -262,6 +272,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(
             f"clients.per_round={cfg.clients.per_round} exceeds clients.count={cfg.clients.count}: lower per_round"
         )
+    labels = cfg.data.labels
+    if cfg.data.dataset == NODES and (len(set(labels)) < 2 or len(set(labels)) != len(labels)):
+        raise ConfigError(f"data.dataset = {NODES} needs data.labels: at least 2 distinct label names in label order, "
+                          f"e.g. data.labels=[\"business\",\"sport\"] (got {labels})")
     return cfg
 
 

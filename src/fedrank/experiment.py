@@ -11,9 +11,9 @@ from transformers import PreTrainedModel
 
 from fedrank.adapters import AdaptedModel
 from fedrank.client import ClientData, Encoded, FedClient
-from fedrank.config import Config, ConfigError
+from fedrank.config import NODES, Config, ConfigError
 from fedrank.data import Splits, TextDataset
-from fedrank.data.sources import NODES
+from fedrank.headline import NODE_VALIDATION
 from fedrank.heads import HeadRule, make_head_rule
 from fedrank.methods import Method, get_method
 from fedrank.models import LoadedModel
@@ -98,7 +98,7 @@ def _evaluation(cfg: Config) -> str:
     """What evaluates a run's global model, in words."""
     if cfg.data.dataset != NODES:
         return f"server test split of {cfg.data.dataset}"
-    return f"server test file {cfg.data.test_path}" if cfg.data.test_path else "node validation, size-weighted"
+    return f"server test file {cfg.data.test_path}" if cfg.data.test_path else NODE_VALIDATION
 
 
 def build(cfg: Config, lap: Lap = _no_lap, sizes: Sequence[int] | None = None) -> Experiment:

@@ -46,8 +46,9 @@ class Headline:
 
     def summary(self, final: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The summary.json fields of the final evaluation ``final`` and the per-round ``rows``:
-        ``final_<field>`` per reported field, ``final_tiers`` and ``best_round_<headline>``."""
-        return {**{f"final_{k}": final[k] for k in self.reported},
+        ``final_<field>`` per reported field (``None`` when the evaluation has none: no node answered a node
+        validation), ``final_tiers`` and ``best_round_<headline>``."""
+        return {**{f"final_{k}": final.get(k) for k in self.reported},
                 "final_tiers": {k: v for k, v in final.items() if k.startswith(self.tier_prefix)},
                 f"best_round_{self.key}": self.best(r[self.key] for r in rows if self.key in r)}
 
@@ -55,6 +56,7 @@ class Headline:
 ACCURACY = Headline("accuracy", True, ("accuracy", "macro_f1", "loss"))
 PERPLEXITY = Headline("perplexity", False, ("perplexity", "loss"))
 HEADLINES = {h.key: h for h in (ACCURACY, PERPLEXITY)}
+NODE_VALIDATION = "node validation, size-weighted"  # summary.json's `evaluation` without server test data
 LABELS = {"macro_f1": "macro-F1"}  # column titles that differ from the field name
 
 
@@ -66,4 +68,7 @@ def of_summary(summary: dict[str, Any]) -> Headline:
 def final_line(summary: dict[str, Any]) -> str:
     """``final accuracy 0.8780 on 1811 test examples`` (the run's own headline)."""
     key = of_summary(summary).key
-    return f"final {key} {summary[f'final_{key}']:.4f} on {summary['final_eval_examples']} test examples"
+    value = summary[f"final_{key}"]
+    shown = "unknown" if value is None else f"{value:.4f}"
+    where = "the nodes' validation examples" if summary.get("evaluation") == NODE_VALIDATION else "test examples"
+    return f"final {key} {shown} on {summary['final_eval_examples']} {where}"

@@ -7,7 +7,7 @@ its own ``Hooks``.  Heavy modules (torch, the model) are imported when a job run
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,11 +38,13 @@ class Hooks:
 
 
 def execute(cfg: Config, run_dir: Path, hooks: Hooks = Hooks(),
-            runtime: Callable[[Experiment], Runtime] | None = None) -> dict[str, Any]:
+            runtime: Callable[[Experiment], Runtime] | None = None,
+            sizes: Sequence[int] | None = None) -> dict[str, Any]:
     """Run ``cfg`` in ``run_dir`` (resuming from its checkpoints if any) and return the summary.
 
     Writes ``config.toml``, builds the experiment, runs the rounds through ``runtime(experiment)`` (default: the
     config's ``runtime``), then writes ``summary.json`` and the adapter.  The runtime is closed whatever happens.
+    ``sizes``: node-local data, each client's training examples as its SuperNode reported them (``build``).
     """
     from fedrank.experiment import build
     from fedrank.runtime.registry import make_runtime
@@ -51,7 +53,7 @@ def execute(cfg: Config, run_dir: Path, hooks: Hooks = Hooks(),
     run_dir.mkdir(parents=True, exist_ok=True)
     files = RunFiles(run_dir)
     save_config(cfg, files.config)
-    exp = build(cfg)
+    exp = build(cfg, sizes=sizes)
     carrier = runtime(exp) if runtime is not None else make_runtime(cfg.runtime, exp)
     server = Server(exp, carrier, files, on_client=hooks.client, on_round=hooks.round, on_start=hooks.start,
                     log=hooks.log)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fedrank import checkpoint, dynamics, wire
-from fedrank.client import evaluate, split_head, with_head
+from fedrank.client import EVAL_EXAMPLES, evaluate, split_head, with_head
 from fedrank.experiment import Experiment
 from fedrank.heads import HeadReply
 from fedrank.methods import Reply, Task, Tensors
@@ -38,6 +38,15 @@ def split_checkpoint(tensors: Tensors) -> tuple[Tensors, Tensors, Tensors | None
 def nbytes(tensors: Tensors) -> int:
     """Bytes on the wire: the tensors actually exchanged."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def pooled(metrics: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Clients' validation metrics (``FedClient.validate``) averaged with their sizes as weights, and the total
+    size; only that size (0) when no client with validation examples answered."""
+    answered = [m for m in metrics if m[EVAL_EXAMPLES] > 0]
+    total = sum(m[EVAL_EXAMPLES] for m in answered)
+    keys = [k for k in (answered[0] if answered else {}) if k != EVAL_EXAMPLES]
+    return {**{k: sum(m[k] * m[EVAL_EXAMPLES] for m in answered) / total for k in keys}, EVAL_EXAMPLES: total}
 
 
 def sample_clients(seed: int, round: int, count: int, per_round: int) -> list[int]:
@@ -126,6 +135,10 @@ class Server:
                     truncate(factors, r), exp.heads.for_rank(head, r), data)[key])
         return out
 
+    def score(self, metrics: dict[str, float]) -> float:
+        """A client's validation score (the task's; 0 for a client without validation examples)."""
+        return self.exp.task.score(metrics) if metrics[EVAL_EXAMPLES] else 0.0
+
     def dynamics(self, previous: Tensors, current: Tensors) -> dict[str, float | None]:
         """``eval.dynamics``: each tier's share of the global update and the high slots' update cosine."""
         exp = self.exp
@@ -143,7 +156,11 @@ class Server:
         return out
 
     def evaluate_factors(self, factors: Factors, head: Tensors, data) -> dict[str, float]:
+        """The task's metrics of a global model on ``data``; without data (node-local data and no server test
+        file) the clients' validation metrics through the runtime, weighted by their sizes (``pooled``)."""
         exp = self.exp
+        if data is None:
+            return pooled(self.runtime.validate(factors, head, range(exp.cfg.clients.count)).values())
         exp.model.set_head(head)
         with exp.model.merged(factors) as net:
             return evaluate(net, data, exp.num_labels, exp.cfg.eval.batch_size, exp.loaded.tokenizer.pad_token_id)
@@ -209,9 +226,9 @@ class Server:
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             row.update(self.evaluate(state, head))
         if exp.policy.needs_scores_after_round == rnd:
-            scores = self.runtime.validate(exp.method.global_factors(state),
-                                           exp.heads.for_rank(head, exp.policy.global_rank), range(cfg.clients.count))
-            exp.policy.observe_scores(scores, exp.sizes)
+            metrics = self.runtime.validate(exp.method.global_factors(state),
+                                            exp.heads.for_rank(head, exp.policy.global_rank), range(cfg.clients.count))
+            exp.policy.observe_scores({c: self.score(m) for c, m in metrics.items()}, exp.sizes)
         t3 = time.perf_counter()
         row.update(train_s=t1 - t0, aggregate_s=t2 - t1, eval_s=t3 - t2)
         return state, head, row
@@ -240,14 +257,18 @@ class Server:
         """Final evaluation, summary.json and the PEFT adapter export."""
         exp, cfg = self.exp, self.exp.cfg
         rows = self.files.read_metrics()
-        # the last round is always evaluated on the per-round subset: without final_full that row is the final one
-        final = self.evaluate(state, head, exp.test) if cfg.eval.final_full else rows[-1]
+        # the last round is always evaluated on the per-round subset: without final_full that row is the final one;
+        # the nodes' validation splits (no server test data) are evaluated whole every time
+        full = cfg.eval.final_full and exp.test is not None
+        final = self.evaluate(state, head, exp.test) if full else rows[-1]
         summary = {
             "method": cfg.method,
             "seed": cfg.seed,
             "rounds": cfg.rounds,
             "headline": exp.task.headline.key,
-            "final_eval_examples": len(exp.test) if cfg.eval.final_full else len(exp.test_round),
+            "evaluation": exp.evaluation,
+            "final_eval_examples": (int(final.get(EVAL_EXAMPLES, 0)) if exp.test is None
+                                    else len(exp.test if full else exp.test_round)),
             **exp.task.headline.summary(final, rows),
             "upload_bytes": rows[-1]["cum_upload_bytes"],
             "download_bytes": rows[-1]["cum_download_bytes"],

@@ -17,7 +17,6 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrank.config import ConfigError, load_config
-from fedrank.experiment import Experiment
 from fedrank.headline import final_line
 from fedrank.job import Hooks, execute, round_line
 from fedrank.runtime.flower import FlowerRuntime
@@ -44,10 +43,9 @@ def _main(grid: Grid, context: Context) -> None:
     if not out:
         raise ConfigError("flower: pass the run folder: flwr run ... --run-config 'out=\"/abs/run\"'")
     cfg = load_config(path or None, [s for s in str(rc.get("set", "")).split(";") if s.strip()])
-    timeout, wait_nodes = _positive(rc.get("timeout-s")), _positive(rc.get("wait-nodes-s"))
-
-    def runtime(exp: Experiment) -> FlowerRuntime:
-        return FlowerRuntime(grid, exp.cfg, timeout_s=timeout, wait_nodes_s=wait_nodes, log=say)
-
-    summary = execute(cfg, Path(out), Hooks(round=lambda row: say(round_line(row, cfg)), log=say), runtime)
+    runtime = FlowerRuntime(grid, cfg, timeout_s=_positive(rc.get("timeout-s")),
+                            wait_nodes_s=_positive(rc.get("wait-nodes-s")), log=say)
+    sizes = runtime.node_sizes()  # node-local data: the nodes enrol first; runtime.cfg has their number
+    hooks = Hooks(round=lambda row: say(round_line(row, runtime.cfg)), log=say)
+    summary = execute(runtime.cfg, Path(out), hooks, lambda exp: runtime, sizes)
     say(f"{final_line(summary)}; outputs in {out}")

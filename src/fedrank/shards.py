@@ -5,8 +5,8 @@ A Flower deployment starts a fresh ClientApp process for every message; with the
 loading, partitioning and tokenising the dataset again, and a node never tokenises the test split or another
 node's clients.  A file's name is the SHA-256 of everything its content depends on: the task, the model (its
 tokenizer), ``train.max_length``, the whole ``[data]`` table, ``seed``, ``clients.count``,
-``clients.val_fraction``, the client id, the data file's size and modification time, and ``FORMAT`` (raise it
-when encoding changes).  Files are written atomically; only safetensors (numpy arrays) and JSON are read back.
+``clients.val_fraction``, the client id, the data file's size and modification time (a SuperNode's own file for
+node-local data: ``NodeShards``), and ``FORMAT`` (raise it when encoding changes).  Files are written atomically; only safetensors (numpy arrays) and JSON are read back.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from safetensors.numpy import save
 from fedrank.checkpoint import atomic_write
 from fedrank.client import ClientData
 from fedrank.config import Config
-from fedrank.data import Splits
+from fedrank.data import Splits, TextDataset
+from fedrank.data.sources import NODE_DATA, labelled
 from fedrank.models import cache_root
 from fedrank.tasks import Encoded, LearningTask
 
@@ -33,16 +34,25 @@ FORMAT = 1
 SPLITS = ("train", "val")
 
 
-def client_data(cfg: Config, task: LearningTask, splits: Splits, clients: Iterable[int]) -> dict[int, ClientData]:
-    """The training and local validation examples of ``clients``, encoded by ``task`` (its model loaded): the
-    training split is partitioned over all ``clients.count`` clients, and only these clients' examples are
-    tokenised."""
-    from fedrank.data.partition import local_split, partition  # datasets, Flower Datasets: only to partition
+def partitioned(cfg: Config, train: TextDataset, clients: Iterable[int]) -> dict[int, list[int]]:
+    """The shards (indices into ``train``) of ``clients`` when ``train`` is partitioned over all ``clients.count``
+    clients by ``data.partition``."""
+    from fedrank.data.partition import partition  # datasets, Flower Datasets: only to partition
 
-    shards = partition(splits.train.labels, cfg.clients.count, cfg.data, cfg.seed)
-    parts = {c: local_split(shards[c], cfg.clients.val_fraction, cfg.seed, c) for c in clients}
+    shards = partition(train.labels, cfg.clients.count, cfg.data, cfg.seed)
+    return {c: shards[c] for c in clients}
+
+
+def client_data(cfg: Config, task: LearningTask, train: TextDataset,
+                shards: Mapping[int, Sequence[int]]) -> dict[int, ClientData]:
+    """The training and local validation examples of each client of ``shards`` (its indices into ``train``),
+    encoded by ``task`` (its model loaded): a seeded ``clients.val_fraction`` of each shard is the client's
+    validation split (``local_split``), and only these clients' examples are tokenised."""
+    from fedrank.data.partition import local_split
+
+    parts = {c: local_split(list(shard), cfg.clients.val_fraction, cfg.seed, c) for c, shard in shards.items()}
     needed = sorted({i for train, val in parts.values() for i in train + val})
-    encoded, at = task.encode(splits.train.subset(needed)), {i: k for k, i in enumerate(needed)}
+    encoded, at = task.encode(train.subset(needed)), {i: k for k, i in enumerate(needed)}
     return {c: ClientData(encoded.subset([at[i] for i in train]), encoded.subset([at[i] for i in val]))
             for c, (train, val) in parts.items()}
 
@@ -55,11 +65,13 @@ def _source_stamp(dataset: str) -> list[Any]:
             for p in files]
 
 
-def shard_key(cfg: Config, client: int) -> str:
-    """The cache key of one client's tokenised data under ``cfg``."""
+def shard_key(cfg: Config, client: int, source: str | None = None) -> str:
+    """The cache key of one client's tokenised data under ``cfg``, read from ``source`` (default
+    ``data.dataset``; a node's own file for node-local data)."""
     fields = {"format": FORMAT, "task": cfg.task, "model": cfg.model.name, "max_length": cfg.train.max_length,
               "data": dataclasses.asdict(cfg.data), "seed": cfg.seed, "clients": cfg.clients.count,
-              "val_fraction": cfg.clients.val_fraction, "client": client, "source": _source_stamp(cfg.data.dataset)}
+              "val_fraction": cfg.clients.val_fraction, "client": client,
+              "source": _source_stamp(source or cfg.data.dataset)}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -70,11 +82,12 @@ class ShardStore(Mapping[int, ClientData]):
     def __init__(self, cfg: Config, task: LearningTask, root: Path | None = None) -> None:
         self.cfg, self.task = cfg, task
         self.root = root or cache_root() / "shards"
+        self.source = cfg.data.dataset  # what the data is read from (its size and mtime are in the cache key)
         self.loaded: dict[int, ClientData] = {}
         self._splits: Splits | None = None
 
     def path(self, client: int) -> Path:
-        return self.root / f"{shard_key(self.cfg, client)}.safetensors"
+        return self.root / f"{shard_key(self.cfg, client, self.source)}.safetensors"
 
     def splits(self) -> Splits:
         """The raw dataset (loaded once)."""
@@ -82,11 +95,20 @@ class ShardStore(Mapping[int, ClientData]):
             self._splits = self.task.load_data()
         return self._splits
 
+    def names(self) -> list[str]:
+        """The label names of the raw data."""
+        return list(self.splits().train.label_names)
+
+    def build(self, clients: Iterable[int]) -> dict[int, ClientData]:
+        """``clients``' data from the raw dataset: its training split partitioned over all clients."""
+        train = self.splits().train
+        return client_data(self.cfg, self.task, train, partitioned(self.cfg, train, clients))
+
     def label_names(self, clients: Iterable[int]) -> list[str]:
-        """The label names, from a cached file of one of ``clients``, else from the raw dataset."""
+        """The label names, from a cached file of one of ``clients``, else from the raw data."""
         cached = next((p for p in map(self.path, clients) if p.is_file()), None)
         if cached is None:
-            return list(self.splits().train.label_names)
+            return self.names()
         with safe_open(str(cached), framework="numpy") as f:
             return json.loads(f.metadata()["labels"])
 
@@ -101,9 +123,9 @@ class ShardStore(Mapping[int, ClientData]):
         rest = [c for c in missing if c not in self.loaded]
         if not rest:
             return
-        built = client_data(self.cfg, self.task, self.splits(), rest)
+        built = self.build(rest)
         self.root.mkdir(parents=True, exist_ok=True)
-        labels = json.dumps(list(self.splits().train.label_names))
+        labels = json.dumps(self.names())
         for c, data in built.items():
             arrays = {k: v for split in SPLITS for k, v in _encode(getattr(data, split), split).items()}
             atomic_write(self.path(c), save(arrays, metadata={"labels": labels}))
@@ -117,6 +139,23 @@ class ShardStore(Mapping[int, ClientData]):
 
     def __len__(self) -> int:
         return len(self.loaded)
+
+
+class NodeShards(ShardStore):
+    """A SuperNode's own data file (``data.dataset = nodes``): the whole file is the shard of the one client the node
+    serves, whatever id the server gave it, split into train and validation by the same seeded rule; its labels are
+    numbered by ``data.labels``."""
+
+    def __init__(self, cfg: Config, task: LearningTask, path: str, root: Path | None = None) -> None:
+        super().__init__(cfg, task, root)
+        self.source = path
+
+    def names(self) -> list[str]:
+        return list(self.cfg.data.labels)
+
+    def build(self, clients: Iterable[int]) -> dict[int, ClientData]:
+        train = labelled(Path(self.source), self.cfg.data, NODE_DATA)
+        return client_data(self.cfg, self.task, train, {c: range(len(train)) for c in clients})
 
 
 def _encode(encoded: Encoded, split: str) -> dict[str, np.ndarray]:

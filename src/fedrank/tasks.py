@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from fedrank.adapters import default_lora_targets
 from fedrank.compute import Compute
-from fedrank.config import ConfigError
+from fedrank.config import NODES, ConfigError
 from fedrank.data import Splits, TextDataset, load_splits, utf8_lines
 from fedrank.export import CARD, training_card
 from fedrank.headline import ACCURACY, PERPLEXITY, Headline
@@ -426,6 +426,9 @@ class Instruct(CausalTask):
 
     def load_data(self) -> Splits:
         d = self.cfg.data
+        if d.dataset == NODES:
+            raise ConfigError(f"task=instruct cannot train on node-local data (data.dataset = {NODES}) yet: use a "
+                              "label task (classify, generate-label)")
         return load_pairs(Path(d.dataset), d.prompt_field, d.response_field, d.test_fraction, self.cfg.seed,
                           d.max_train_examples)
 

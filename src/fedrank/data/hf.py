@@ -15,12 +15,15 @@ from fedrank.config import ConfigError, DataConfig
 from fedrank.data.sources import Splits, _check_example, _check_fields, _encode, _label_names, _split_by_group
 
 
+def _is_saved(path: Path) -> bool:
+    """Whether ``path`` is a ``save_to_disk`` folder (of a Dataset or a DatasetDict)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
 def _open_hf(name: str) -> datasets.Dataset | datasets.DatasetDict:
     """``load_from_disk`` for a ``save_to_disk`` folder, else ``load_dataset`` (hub name or data folder)."""
-    path = Path(name)
-    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
     try:
-        return datasets.load_from_disk(name) if saved else datasets.load_dataset(name)
+        return datasets.load_from_disk(name) if _is_saved(Path(name)) else datasets.load_dataset(name)
     except Exception as err:  # load_dataset raises many unrelated types for "cannot get it"
         reason = str(err).splitlines()[0] if str(err) else ""
         raise ConfigError(
@@ -60,3 +63,17 @@ def hf_splits(cfg: DataConfig, seed: int) -> Splits:
     test_texts, test_raw = _hf_columns(parts[cfg.test_split], cfg, f"dataset `{cfg.dataset}` split `{cfg.test_split}`")
     names = _hf_label_names(feature, raw + test_raw, cfg)
     return Splits(_encode(texts, raw, names), _encode(test_texts, test_raw, names))
+
+
+def saved_examples(path: Path, cfg: DataConfig, key: str) -> tuple[list[str], list[Any]]:
+    """Checked texts and raw labels of a ``save_to_disk`` folder: the dataset, or its ``train`` split."""
+    if not _is_saved(path):
+        raise ConfigError(f"{path} is not a datasets save_to_disk folder: pass a .jsonl/.csv file or such a folder "
+                          f"as {key}")
+    loaded = _open_hf(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ConfigError(f"{path} has no `train` split (splits: {', '.join(loaded)}): save the data as a "
+                              "Dataset or put it under `train`")
+        loaded = loaded["train"]
+    return _hf_columns(loaded, cfg, str(path))

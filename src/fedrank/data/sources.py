@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from fedrank.config import ConfigError, DataConfig
+from fedrank.config import NODES, ConfigError, DataConfig
 
 MIN_PARAGRAPH_CHARS = 40
+NODE_DATA = "the SuperNode's --node-config \"data='PATH'\""  # where a node's file is named, for error messages
 _INT = re.compile(r"-?\d+")
 _BLANK_LINE = re.compile(r"\n\s*\n")
 
@@ -65,6 +66,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
 
 
 def _load_source(cfg: DataConfig, seed: int) -> Splits:
+    if cfg.dataset == NODES:
+        return _server_splits(cfg)
     if cfg.dataset == "bbc":
         return _bbc_splits(cfg.test_fraction, seed)
     if cfg.dataset.endswith((".jsonl", ".csv")):
@@ -225,15 +228,60 @@ def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{path} line {reader.line_num}", record
 
 
-def _file_splits(path: Path, cfg: DataConfig, seed: int) -> Splits:
-    """Records of a .jsonl/.csv file; a seeded stratified ``test_fraction`` of them is test."""
+def _file_examples(path: Path, cfg: DataConfig, key: str) -> tuple[list[str], list[Any]]:
+    """Checked texts and raw labels of a .jsonl/.csv file; ``key`` says where its path was given."""
     if not path.is_file():
-        raise ConfigError(f"data file {path} not found: pass an existing .jsonl or .csv file as data.dataset")
+        raise ConfigError(f"data file {path} not found: pass an existing .jsonl or .csv file as {key}")
     records = _jsonl_records(path) if path.suffix == ".jsonl" else _csv_records(path)
     texts, raw = [], []
     for where, record in records:
         _check_fields(list(record), cfg, where)
         texts.append(_check_example(record[cfg.text_field], record[cfg.label_field], cfg, where))
         raw.append(record[cfg.label_field])
+    return texts, raw
+
+
+def _file_splits(path: Path, cfg: DataConfig, seed: int) -> Splits:
+    """Records of a .jsonl/.csv file; a seeded stratified ``test_fraction`` of them is test."""
+    texts, raw = _file_examples(path, cfg, "data.dataset")
     data = _encode(texts, raw, _label_names(raw, str(path), cfg.label_field))
     return _split_by_group(data, range(len(data)), cfg.test_fraction, seed, str(path))
+
+
+# --------------------------------------------------------------------------- node-local data (data.dataset = nodes)
+
+
+def read_examples(path: Path, cfg: DataConfig, key: str) -> tuple[list[str], list[Any]]:
+    """Checked texts and raw labels of a .jsonl/.csv file or a ``save_to_disk`` folder (its ``train`` split when it
+    holds several); ``key`` names where the path was given, for the error message."""
+    if path.is_dir():
+        from fedrank.data.hf import saved_examples  # imports the datasets library only for such folders
+
+        return saved_examples(path, cfg, key)
+    if path.is_file() and path.suffix not in (".jsonl", ".csv"):
+        raise ConfigError(f"{path} is neither a .jsonl nor a .csv file: pass one of those or a save_to_disk folder "
+                          f"as {key}")
+    return _file_examples(path, cfg, key)
+
+
+def label_set(raw: Sequence[Any]) -> list[str]:
+    """The distinct label names of raw labels, sorted."""
+    return sorted({str(v) for v in raw})
+
+
+def labelled(path: Path, cfg: DataConfig, key: str) -> TextDataset:
+    """A file's examples numbered by ``cfg.labels`` (a node's own data, the server's test file); ConfigError naming
+    the file when it has a label that is not in that list."""
+    texts, raw = read_examples(path, cfg, key)
+    unknown = sorted(set(label_set(raw)) - set(cfg.labels))
+    if unknown:
+        raise ConfigError(f"{path} has labels {unknown} that are not in data.labels {cfg.labels}: add them to "
+                          "data.labels or remove those records")
+    return _encode(texts, raw, list(cfg.labels))
+
+
+def _server_splits(cfg: DataConfig) -> Splits:
+    """What the server of node-local data holds: no training example, and the test file ``cfg.test_path`` (empty
+    when none is given: the nodes' validation splits evaluate)."""
+    empty = TextDataset([], [], list(cfg.labels))
+    return Splits(empty, labelled(Path(cfg.test_path), cfg, "data.test_path") if cfg.test_path else empty)

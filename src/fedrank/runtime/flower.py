@@ -37,13 +37,17 @@ Entry points:
 from __future__ import annotations
 
 import atexit
+import copy
 import hashlib
+import json
 import os
 import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from queue import Queue
 from typing import Any
 
@@ -58,7 +62,8 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fedrank import wire  # noqa: E402
 from fedrank.client import FedClient, split_head, with_head  # noqa: E402
-from fedrank.config import Config, load_config, to_dict  # noqa: E402
+from fedrank.config import NODES, Config, ConfigError, load_config, to_dict  # noqa: E402
+from fedrank.data.sources import NODE_DATA, holdout_size, label_set, read_examples  # noqa: E402
 from fedrank.methods import Reply, Task, Tensors  # noqa: E402
 from fedrank.methods.base import Factors, pack, unpack  # noqa: E402
 from fedrank.runtime import Job, Outcome  # noqa: E402
@@ -102,6 +107,40 @@ def record_task(record: ConfigRecord) -> Task:
 # --------------------------------------------------------------------------- server side
 
 
+def data_problem(rec: ConfigRecord | None, labels: Sequence[str]) -> str:
+    """Why a node's report of its data file (node-local data) makes it unusable; "" when it is fine."""
+    if rec is None:
+        return "it has no data file: start it with --node-config \"data='PATH'\""
+    if "error" in rec:
+        return str(rec["error"])
+    unknown = sorted(set(map(str, rec["labels"])) - set(labels))
+    if unknown:
+        return f"{rec['name']} has labels {unknown} that are not in data.labels {list(labels)}"
+    return ""
+
+
+def enrolled(cfg: Config, count: int, log: Callable[[str], None]) -> Config:
+    """A copy of ``cfg`` for ``count`` enrolled nodes: ``clients.count`` is ``count``, ``clients.per_round`` at
+    most that (logged when lowered)."""
+    out = copy.deepcopy(cfg)
+    out.clients.count = count
+    if cfg.clients.per_round > count:
+        log(f"flower: {count} nodes enrolled; clients.per_round lowered from {cfg.clients.per_round} to {count}")
+        out.clients.per_round = count
+    return out
+
+
+@dataclass(frozen=True)
+class NodeShard:
+    """What a SuperNode with its own data file (node-local data) told the server about it: never a row."""
+
+    node: int  # Flower node id
+    name: str  # the file's name (not its path), for log lines
+    examples: int
+    labels: list[str]
+    fingerprint: str  # SHA-256 of its examples: which client the node is, whatever its node id
+
+
 class FlowerRuntime:
     """The ``Runtime`` protocol over a Flower ``Grid``: one message per job, to the node serving its client."""
 
@@ -114,47 +153,134 @@ class FlowerRuntime:
         self.timeout_s = cfg.runtime_timeout_s if timeout_s is None else timeout_s
         self.wait_nodes_s = self.timeout_s if wait_nodes_s is None else wait_nodes_s
         self.log = log
-        self.partitions: dict[int, int] = {}  # partition id -> node id
+        self.partitions: dict[int, int] = {}  # partition id -> node id (node-local data: client id -> node id)
         self.num_partitions = 0
+        self.asked: set[int] = set()  # node ids queried so far
+        self.refused: set[int] = set()
+        self.offers: dict[str, NodeShard] = {}  # node-local data: fingerprint -> what a node reported
+        self.clients: list[str] = []  # node-local data, once enrolled: the clients' fingerprints in client order
 
     # ------------------------------------------------------------- nodes
 
+    @property
+    def node_data(self) -> bool:
+        """Whether every node trains on its own data file (``data.dataset = nodes``)."""
+        return self.cfg.data.dataset == NODES
+
+    def _query(self, nodes: Sequence[int], timeout: float) -> None:
+        """Ask ``nodes`` what they serve (``query.partition``, with the run's config) and learn from the answers."""
+        self.asked.update(nodes)
+        msgs = [Message(RecordDict({"task": ConfigRecord({"config": self.config})}), dst_node_id=n,
+                        message_type="query.partition") for n in nodes]
+        for reply in self.grid.send_and_receive(msgs, timeout=timeout):
+            if reply.has_error():
+                self.log(f"flower: node {reply.metadata.src_node_id} could not answer: {reply.error.reason}")
+            else:
+                self._learn(reply.metadata.src_node_id, reply.content)
+
+    def _refuse(self, node: int, why: str) -> None:
+        self.refused.add(node)
+        self.log(f"flower: refused node {node}: {why}; the run goes on without it")
+
+    def _learn(self, node: int, answer: RecordDict) -> None:
+        """Record which clients a node serves: its partition, or (node-local data) the client its data file is."""
+        data = answer.get("data")
+        if self.node_data:
+            self._learn_data(node, data)
+        elif data is not None:
+            self._refuse(node, f"it has its own data file but data.dataset is not `{NODES}`: set data.dataset={NODES} "
+                         "and data.labels to train on the nodes' files")
+        else:
+            rec = answer["partition"]
+            partition = int(rec["partition-id"])
+            if partition in self.partitions:
+                self.log(f"flower: node {node} serves partition {partition} now")
+            self.partitions[partition] = node
+            self.num_partitions = max(self.num_partitions, int(rec["num-partitions"]))
+
+    def _learn_data(self, node: int, rec: ConfigRecord | None) -> None:
+        """Node-local data: take a node's report of its file as a new client (before enrolment) or as the node now
+        serving a known client (a restarted SuperNode), or refuse it with the reason."""
+        problem = data_problem(rec, self.cfg.data.labels)
+        fingerprint = "" if problem else str(rec["fingerprint"])
+        if problem:
+            self._refuse(node, problem)
+        elif not self.clients and fingerprint in self.offers:
+            self._refuse(node, f"its data equals that of node {self.offers[fingerprint].node}")
+        elif not self.clients:
+            self.offers[fingerprint] = NodeShard(node, str(rec["name"]), int(rec["examples"]),
+                                                 [str(v) for v in rec["labels"]], fingerprint)
+        elif fingerprint in self.clients:
+            self.partitions[self.clients.index(fingerprint)] = node
+            self.log(f"flower: node {node} ({rec['name']}) serves client {self.clients.index(fingerprint)} again")
+        else:
+            self._refuse(node, f"its data ({rec['name']}) is not one of this run's clients (they enrolled at the start)")
+
+    def _complete(self) -> bool:
+        """Whether every expected node has answered: ``num-partitions`` partitions, or (node-local data)
+        ``clients.count`` nodes, refused ones included."""
+        if self.node_data:
+            return len(self.offers) + len(self.refused) >= self.cfg.clients.count
+        return bool(self.num_partitions) and len(self.partitions) >= self.num_partitions
+
+    def _known(self) -> bool:
+        """Whether at least one node serves clients."""
+        return bool(self.offers) if self.node_data else bool(self.partitions)
+
     def discover(self) -> None:
-        """Ask every connected node for its partition id; wait until all ``num-partitions`` are known."""
+        """Query the connected nodes until every expected one has answered, or ``wait_nodes_s`` passed (then go on
+        with those that did; none is an error)."""
         deadline = time.monotonic() + self.wait_nodes_s
-        asked: set[int] = set()
-        while True:
-            new = [n for n in self.grid.get_node_ids() if n not in asked]
+        while not self._complete():
+            new = [n for n in self.grid.get_node_ids() if n not in self.asked]
             if new:
-                msgs = [Message(RecordDict({"task": ConfigRecord({"config": ""})}), dst_node_id=n,
-                                message_type="query.partition") for n in new]
-                for reply in self.grid.send_and_receive(msgs, timeout=max(deadline - time.monotonic(), 1.0)):
-                    if reply.has_error():
-                        continue
-                    rec = reply.content["partition"]
-                    self.partitions[int(rec["partition-id"])] = reply.metadata.src_node_id
-                    self.num_partitions = max(self.num_partitions, int(rec["num-partitions"]))
-                asked.update(new)
-            if self.num_partitions and len(self.partitions) >= self.num_partitions:
+                self._query(new, max(deadline - time.monotonic(), 1.0))
+            elif time.monotonic() > deadline:
+                if not self._known():
+                    raise RuntimeError(f"flower: no SuperNode answered within {self.wait_nodes_s:.0f} s")
+                self.log(f"flower: not every expected SuperNode answered within {self.wait_nodes_s:.0f} s; going on "
+                         "with those that did")
                 return
-            if time.monotonic() > deadline:
-                if self.partitions:
-                    self.log(f"flower: only partitions {sorted(self.partitions)} of {self.num_partitions} "
-                             f"connected after {self.wait_nodes_s:.0f} s; going on with them")
-                    return
-                raise RuntimeError(f"flower: no SuperNode answered within {self.wait_nodes_s:.0f} s")
-            time.sleep(0.5)
+            else:
+                time.sleep(0.5)
+
+    def refresh(self) -> None:
+        """Query the nodes that connected since the last look: a restarted SuperNode without an auth key comes back
+        with a new node id."""
+        new = [n for n in self.grid.get_node_ids() if n not in self.asked]
+        if new:
+            self._query(new, self.wait_nodes_s)
+
+    def node_sizes(self) -> list[int] | None:
+        """Node-local data: enrol the SuperNodes and return each client's training examples, in client order (the
+        clients are the accepted nodes ordered by their data's fingerprint; ``cfg`` becomes a copy whose
+        ``clients.count`` is their number); ``None`` for partitioned data."""
+        if not self.node_data:
+            return None
+        self.discover()
+        self.clients = sorted(self.offers)
+        self.partitions = {c: self.offers[f].node for c, f in enumerate(self.clients)}
+        self.num_partitions = len(self.clients)
+        self.cfg = enrolled(self.cfg, len(self.clients), self.log)
+        self.config = config_text(self.cfg)
+        shards = [self.offers[f] for f in self.clients]
+        for c, shard in enumerate(shards):
+            self.log(f"flower: client {c} is node {shard.node} ({shard.name}: {shard.examples} examples, labels "
+                     f"{shard.labels})")
+        return [s.examples - holdout_size(s.examples, self.cfg.clients.val_fraction) for s in shards]
 
     def node_for(self, client: int) -> int | None:
-        if not self.partitions:
-            self.discover()
-        return self.partitions.get(client % self.num_partitions)
+        return self.partitions.get(client % self.num_partitions) if self.num_partitions else None
 
     # ------------------------------------------------------------- messaging
 
     def _exchange(self, kind: str, jobs: list[tuple[Task, Tensors]],
                   on_reply: Callable[[Task, Message], None]) -> None:
         """Send one message per job, collect replies until all arrived or the timeout passed."""
+        if self.partitions:
+            self.refresh()
+        else:
+            self.discover()
         pending: dict[str, Task] = {}
         messages, tasks = [], []
         for task, tensors in jobs:
@@ -201,16 +327,16 @@ class FlowerRuntime:
         self._exchange("train", list(jobs), on_reply)
         return [got[task] for task, _ in jobs if task in got]  # job order, as the local runtime
 
-    def validate(self, factors: Factors, head: Tensors, clients: Sequence[int]) -> dict[int, float]:
+    def validate(self, factors: Factors, head: Tensors, clients: Sequence[int]) -> dict[int, dict[str, float]]:
         rnd = -1
         payload = with_head(pack(factors), head)
-        scores: dict[int, float] = {}
+        metrics: dict[int, dict[str, float]] = {}
 
         def on_reply(task: Task, reply: Message) -> None:
-            scores[task.client] = float(reply.content["reply"]["accuracy"])
+            metrics[task.client] = {k: float(v) for k, v in reply.content["reply"].items()}
 
         self._exchange("evaluate", [(Task(c, 0, rnd), payload) for c in clients], on_reply)
-        return {c: scores[c] for c in clients if c in scores}
+        return {c: metrics[c] for c in clients if c in metrics}
 
     def close(self) -> None:
         """Nothing to release: the SuperLink and its SuperNodes outlive the run."""
@@ -223,25 +349,29 @@ _LOCK = threading.Lock()
 _RUN_LOCK = threading.Lock()  # one model per process: messages handled in threads take turns
 
 
-def cached_client(config: str, device: str = "", partition: tuple[int, int] | None = None) -> FedClient:
-    """This process's ``FedClient`` for a config, with the data of the clients of ``partition`` = (i, n) (the
-    clients ``c`` with ``c % n == i``; every client when ``None``) loaded.
+def every_client(cfg: Config) -> list[int]:
+    return list(range(cfg.clients.count))
+
+
+def cached_client(config: str, device: str = "", clients: Callable[[Config], Sequence[int]] = every_client,
+                  data: str = "") -> FedClient:
+    """This process's ``FedClient`` for a config, with the data of ``clients(config)`` loaded: their partitions of
+    ``data.dataset``, or the node's own file ``data`` (node-local data).
 
     The model and method are built once per process (on ``device`` when given, a SuperNode's own choice, else on
     the config's); each client's data is read from the shard cache or built once (``fedrank.shards``)."""
     from fedrank.experiment import build_node_client
 
-    key = hashlib.sha256(f"{device}\n{config}".encode()).hexdigest()
+    key = hashlib.sha256(f"{device}\n{data}\n{config}".encode()).hexdigest()
     with _LOCK:
         cfg = config_from_text(config)
-        i, n = partition or (0, 1)
-        clients = [c for c in range(cfg.clients.count) if c % n == i]
+        wanted = clients(cfg)
         if key not in _CLIENTS:
             _CLIENTS.clear()
             cfg.device = device or cfg.device
-            _CLIENTS[key] = build_node_client(cfg, clients)
+            _CLIENTS[key] = build_node_client(cfg, wanted, data=data)
         client = _CLIENTS[key]
-        client.data.require(clients)
+        client.data.require(wanted)
         return client
 
 
@@ -251,11 +381,40 @@ def node_partition(context: Context) -> tuple[int, int]:
     return int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
 
 
+def node_data(context: Context) -> str:
+    """The node's own data file (``--node-config "data='PATH'"``); "" when it has none."""
+    return str(context.node_config.get("data", ""))
+
+
 def node_client(msg: Message, context: Context) -> FedClient:
-    """The client for a message's config with this node's clients' data, on this node's ``device`` (node config)
-    if it names one."""
-    return cached_client(str(msg.content["task"]["config"]), str(context.node_config.get("device", "")),
-                         node_partition(context))
+    """The client for a message's config with the data this node holds for it, on this node's ``device`` (node
+    config) if it names one: its own file as the message's client, else its partition's clients."""
+    data = node_data(context)
+
+    def clients(cfg: Config) -> list[int]:
+        if data:
+            return [int(msg.content["task"]["client"])]
+        i, n = node_partition(context)
+        return [c for c in range(cfg.clients.count) if c % n == i]
+
+    return cached_client(str(msg.content["task"]["config"]), str(context.node_config.get("device", "")), clients,
+                         data)
+
+
+def data_record(path: str, config: str) -> ConfigRecord:
+    """What a node tells the server of its own data file: the file's name, its number of examples, its label names
+    and a fingerprint (SHA-256) of its examples; or the one-line reason it cannot be read."""
+    try:
+        cfg = config_from_text(config)
+        texts, raw = read_examples(Path(path), cfg.data, NODE_DATA)
+        if not texts:
+            raise ConfigError(f"{path} has no examples: give it at least one record")
+    except ConfigError as err:
+        return ConfigRecord({"error": str(err)})
+    names = [str(v) for v in raw]
+    digest = hashlib.sha256(json.dumps([texts, names]).encode()).hexdigest()
+    return ConfigRecord({"name": Path(path).name, "examples": len(texts), "labels": label_set(names),
+                         "fingerprint": digest})
 
 
 def _maybe_fault(task: Task) -> None:
@@ -293,15 +452,18 @@ def _evaluate(msg: Message, context: Context) -> Message:
     client = node_client(msg, context)
     received, head = split_head(from_record(msg.content["tensors"]))
     with _RUN_LOCK:
-        acc = client.validate(task.client, unpack(received), head)
-    return Message(RecordDict({"reply": MetricRecord({"accuracy": float(acc)})}), reply_to=msg)
+        metrics = client.validate(task.client, unpack(received), head)
+    return Message(RecordDict({"reply": MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=msg)
 
 
 @client_app.query("partition")
 def _partition(msg: Message, context: Context) -> Message:
+    """What this node serves: its partition and, with its own data file, what the server may know of that file."""
     i, n = node_partition(context)
-    rec = ConfigRecord({"partition-id": i, "num-partitions": n})
-    return Message(RecordDict({"partition": rec}), reply_to=msg)
+    answer = RecordDict({"partition": ConfigRecord({"partition-id": i, "num-partitions": n})})
+    if node_data(context):
+        answer["data"] = data_record(node_data(context), str(msg.content["task"]["config"]))
+    return Message(answer, reply_to=msg)
 
 
 # --------------------------------------------------------------------------- simulation from `fedrank run`
@@ -379,7 +541,7 @@ class SimulationRuntime:
             self.close()
         return out
 
-    def validate(self, factors: Factors, head: Tensors, clients: Sequence[int]) -> dict[int, float]:
+    def validate(self, factors: Factors, head: Tensors, clients: Sequence[int]) -> dict[int, dict[str, float]]:
         out = self._start().validate(factors, head, clients)
         if self._round >= self._last():
             self.close()

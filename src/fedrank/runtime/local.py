@@ -54,7 +54,7 @@ class LocalRuntime:
             done(task)
         return outcomes
 
-    def validate(self, factors: Factors, head: Tensors, clients: Sequence[int]) -> dict[int, float]:
+    def validate(self, factors: Factors, head: Tensors, clients: Sequence[int]) -> dict[int, dict[str, float]]:
         return {c: self.client.validate(c, factors, head) for c in clients}
 
     def close(self) -> None:
