@@ -116,12 +116,16 @@ class AdaptedModel:
         """Store the frozen base's Linear weights in ``frozen_dtype`` (the autocast dtype, or fp32 when None).
 
         Autocast casts every Linear weight to its dtype before each matmul anyway, so storing them cast gives the
-        same arithmetic without the per-step cast.  LoRA factors, the head and the pristine ``W0`` stay fp32.
+        same arithmetic without the per-step cast.  LoRA factors, the head and the pristine ``W0`` stay fp32, and so
+        does a Linear tied to an embedding table (e.g. a causal LM's ``lm_head``): casting it would cast the
+        embeddings, and with them the whole residual stream, whose elementwise ops are slow in bf16 on CPUs.
         """
         if self.frozen_dtype is None:
             return
+        tied = {id(m.weight) for m in self.peft.modules() if isinstance(m, nn.Embedding)}
         for name, mod in self.peft.named_modules():
-            if isinstance(mod, nn.Linear) and "lora_" not in name and not self._in_head(name):
+            if (isinstance(mod, nn.Linear) and "lora_" not in name and not self._in_head(name)
+                    and id(mod.weight) not in tied):
                 mod.to(self.frozen_dtype)
 
     def _in_head(self, module_name: str) -> bool:
