@@ -191,3 +191,21 @@ def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_traini
     assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_linear_tied_to_the_embeddings_stays_fp32_so_the_residual_stream_does_too() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    model = AdaptedModel(base, ["q_proj", "v_proj"], [], 1.0, "shared", 0.0, 4, "CAUSAL_LM",
+                         frozen_dtype=torch.bfloat16)
+    inner = model.peft.get_base_model()
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    assert inner.lm_head.weight.dtype == torch.float32
+    layer = inner.model.layers[0]
+    assert layer.self_attn.q_proj.base_layer.weight.dtype == layer.mlp.up_proj.weight.dtype == torch.bfloat16
+    with Compute(torch.device("cpu"), "bf16").autocast():
+        hidden = inner.model.embed_tokens(torch.tensor([[1, 2, 3]]))
+    assert hidden.dtype == torch.float32
