@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from fedrank.cli import app
 from fedrank.compare import method_overrides
 from fedrank.config import ConfigError
-from fedrank.report import rounds_to
+from fedrank.config import load_config
+from fedrank.report import RunRecord, rounds_to
 
 from report_numbers import assert_report_matches
 from test_run import TINY
@@ -52,6 +53,16 @@ def test_method_variants() -> None:
     assert method_overrides("flora") == ["method=flora"]
     with pytest.raises(ConfigError, match="not a method"):
         method_overrides("fedavg")
+
+
+@pytest.mark.parametrize("overrides, label", [
+    (method_overrides("fedit@5"), "fedit@5"),
+    (method_overrides("fedit@5") + ["precision=bf16"], "fedit@5 bf16"),
+    (["method=replication", "server.head=tier", "precision=fp16"], "replication+tier fp16"),
+])
+def test_a_runs_label_names_its_method_rank_head_and_a_precision_other_than_fp32(overrides: list[str],
+                                                                                   label: str) -> None:
+    assert RunRecord(Path("run"), load_config(None, overrides), [], {}).label == label
 
 
 def test_rounds_to_target() -> None:

@@ -36,13 +36,16 @@ class RunRecord:
     @property
     def label(self) -> str:
         """The method, with the rank when every client has the same one (``fedit@5``) and the head rule when it
-        is not FedAvg (``replication+tier``): the spec `fedrank compare --methods` takes."""
+        is not FedAvg (``replication+tier``): the spec `fedrank compare --methods` takes; runs in another precision
+        than fp32 are labelled apart (``flexlora bf16``), so a report over both pairs them instead of pooling them."""
         values = self.cfg.ranks.values
         label = self.cfg.method
         if self.cfg.ranks.policy == "fixed" and len(set(values)) == 1:
             label += f"@{values[0]}"
         if self.cfg.server.head != "fedavg":
             label += f"+{self.cfg.server.head}"
+        if self.cfg.precision != "fp32":
+            label += f" {self.cfg.precision}"
         return label
 
 
