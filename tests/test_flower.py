@@ -18,7 +18,7 @@ pytest.importorskip("flwr")
 
 from fedrank.config import load_config, save_config  # noqa: E402
 from fedrank.headline import final_line  # noqa: E402
-from fedrank.job import execute, round_line  # noqa: E402
+from fedrank.job import Hooks, execute, round_line  # noqa: E402
 from fedrank.methods import Task  # noqa: E402
 from fedrank.runtime import flower, loopback  # noqa: E402
 from fedrank.server import RunFiles, Server, sample_clients  # noqa: E402
@@ -73,30 +73,46 @@ def test_codec_round_trips_tensors_and_tasks() -> None:
 
 
 class ThreadGrid:
-    """A Grid stand-in that runs fedrank's ClientApp in threads: ``nodes`` partitions, no Ray, no sockets.
+    """A Grid stand-in that runs fedrank's ClientApp in threads: ``nodes`` partitions (or one node per node config
+    of a list, node ids 1000, 1001, ...), no Ray, no sockets.
 
     ``workers`` threads handle messages, so a hanging client does not hold up the others.
     """
 
-    def __init__(self, nodes: int, workers: int = 8) -> None:
-        from flwr.app import Context, RecordDict
+    def __init__(self, nodes: int | list[dict], workers: int = 8) -> None:
+        from flwr.app import RecordDict
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
         # what a SuperLink / the simulation sets for a ServerApp before it creates messages
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-        self.contexts = {1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(), run_config={},
-                                           node_config={"partition-id": i, "num-partitions": nodes})
-                         for i in range(nodes)}
+        configs = nodes if isinstance(nodes, list) else [{"partition-id": i, "num-partitions": nodes}
+                                                         for i in range(nodes)]
+        self.contexts = {1000 + i: self._context(1000 + i, config) for i, config in enumerate(configs)}
         self.pool = ThreadPoolExecutor(workers)
         self.replies: dict[str, object] = {}
         self.lock = threading.Lock()
+
+    @staticmethod
+    def _context(node: int, node_config: dict):
+        from flwr.app import Context, RecordDict
+
+        return Context(run_id=1, node_id=node, state=RecordDict(), run_config={}, node_config=node_config)
+
+    def restart(self, node: int) -> int:
+        """The node comes back under a new node id with the same node config (a restarted SuperNode without an
+        auth key); its new id."""
+        new = max(self.contexts) + 1
+        self.contexts[new] = self._context(new, self.contexts.pop(node).node_config)
+        return new
 
     def get_node_ids(self):
         return list(self.contexts)
 
     def _handle(self, mid: str, msg) -> None:
         try:
+            if msg.metadata.dst_node_id not in self.contexts:
+                raise RuntimeError("Node Unavailable")
             reply = flower.client_app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as err:  # noqa: BLE001 - becomes an error reply, as in Flower
             from flwr.app import Error, Message
@@ -166,6 +182,25 @@ def test_a_failing_or_hanging_client_is_missing_and_the_run_goes_on(fault: str, 
     assert rows[0]["missing"] == [first] and rows[1]["missing"] == []
     assert any(f"client {first}" in line for line in logs)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_node_back_under_a_new_node_id_serves_its_partition_again(tmp_path: Path) -> None:
+    """A SuperNode restarted without an auth key registers under a new node id: the runtime asks the new node what
+    it serves and sends that partition's clients there; no round misses a client."""
+    cfg = load_config(None, TINY + ["train.local_steps=1", "eval.tiers=false"])
+    grid, logs, moved = ThreadGrid(2), [], []
+    runtime = flower.FlowerRuntime(grid, cfg, timeout_s=DEPLOY_WAIT_S, log=logs.append)
+
+    def restart_node_1(row: dict) -> None:
+        if row["round"] == 1:
+            moved.append(grid.restart(1001))
+
+    try:
+        execute(cfg, tmp_path, Hooks(round=restart_node_1, log=logs.append), lambda exp: runtime)
+    finally:
+        grid.pool.shutdown(wait=True)
+    assert [r["missing"] for r in metrics(tmp_path)] == [[], []]
+    assert logs == [f"flower: node {moved[0]} serves partition 1 now"]
 
 
 # --------------------------------------------------------------------------- simulation

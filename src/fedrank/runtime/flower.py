@@ -244,12 +244,12 @@ class FlowerRuntime:
             else:
                 time.sleep(0.5)
 
-    def refresh(self) -> None:
-        """Query the nodes that connected since the last look: a restarted SuperNode without an auth key comes back
-        with a new node id."""
-        new = [n for n in self.grid.get_node_ids() if n not in self.asked]
+    def refresh(self, online: set[int], timeout: float) -> None:
+        """Query the ``online`` nodes not asked yet (a restarted SuperNode without an auth key comes back with a new
+        node id), waiting at most ``timeout`` (and ``wait_nodes_s``) for their answers."""
+        new = [n for n in online if n not in self.asked]
         if new:
-            self._query(new, self.wait_nodes_s)
+            self._query(new, min(timeout, self.wait_nodes_s))
 
     def node_sizes(self) -> list[int] | None:
         """Node-local data: enrol the SuperNodes and return each client's training examples, in client order (the
@@ -276,43 +276,65 @@ class FlowerRuntime:
 
     def _exchange(self, kind: str, jobs: list[tuple[Task, Tensors]],
                   on_reply: Callable[[Task, Message], None]) -> None:
-        """Send one message per job, collect replies until all arrived or the timeout passed."""
-        if self.partitions:
-            self.refresh()
-        else:
+        """Send one message per job to the node serving its client and collect the replies until all arrived or the
+        timeout passed.  A job whose node is offline (a SuperNode that died and is being restarted) is sent when the
+        node is back online within that time; an error reply (the client failed, or Flower found its node gone)
+        leaves the client missing at once."""
+        if not self.partitions:
             self.discover()
-        pending: dict[str, Task] = {}
-        messages, tasks = [], []
+        deadline = time.monotonic() + self.timeout_s
+        waiting, pending = list(jobs), {}
+        look = 0.0  # when to look for the waiting jobs' nodes again
+        while waiting or pending:
+            if waiting and time.monotonic() >= look:
+                waiting, look = self._send(kind, waiting, pending, deadline), time.monotonic() + 1.0
+            self._collect(pending, on_reply)
+            if time.monotonic() > deadline:
+                self._give_up(waiting, pending)
+                return
+            time.sleep(0.05)
+
+    def _send(self, kind: str, jobs: list[tuple[Task, Tensors]], pending: dict[str, Task],
+              deadline: float) -> list[tuple[Task, Tensors]]:
+        """Push the jobs whose node is online (querying nodes that connected since the last look, with the time
+        left); a job no node serves is missing.  Returns the jobs whose node is offline."""
+        online = set(self.grid.get_node_ids())
+        self.refresh(online, max(deadline - time.monotonic(), 1.0))
+        ready, offline = [], []
         for task, tensors in jobs:
             node = self.node_for(task.client)
             if node is None:
                 self.log(f"flower: round {task.round}: no node serves client {task.client}; it is missing")
-                continue
-            content = RecordDict({"tensors": to_record(tensors), "task": task_record(task, self.config)})
-            messages.append(Message(content, dst_node_id=node, message_type=kind,
-                                    group_id=str(task.round)))
-            tasks.append(task)
-        if not messages:
+            else:
+                (ready if node in online else offline).append((task, tensors, node))
+        messages = [Message(RecordDict({"tensors": to_record(tensors), "task": task_record(task, self.config)}),
+                            dst_node_id=node, message_type=kind, group_id=str(task.round))
+                    for task, tensors, node in ready]
+        if messages:
+            pending.update(zip(self.grid.push_messages(messages), [task for task, _, _ in ready]))
+        return [(task, tensors) for task, tensors, _ in offline]
+
+    def _collect(self, pending: dict[str, Task], on_reply: Callable[[Task, Message], None]) -> None:
+        """Hand the replies that arrived to ``on_reply``; log the errors."""
+        if not pending:
             return
-        for mid, task in zip(self.grid.push_messages(messages), tasks):
-            pending[mid] = task
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            for reply in self.grid.pull_messages(list(pending)):
-                task = pending.pop(reply.metadata.reply_to_message_id, None)
-                if task is None:
-                    continue
-                if reply.has_error():
-                    self.log(f"flower: round {task.round}: client {task.client} failed: {reply.error.reason}")
-                    continue
+        for reply in self.grid.pull_messages(list(pending)):
+            task = pending.pop(reply.metadata.reply_to_message_id, None)
+            if task is None:
+                continue
+            if reply.has_error():
+                self.log(f"flower: round {task.round}: client {task.client} failed: {reply.error.reason}")
+            else:
                 on_reply(task, reply)
-            if pending and time.monotonic() > deadline:
-                for task in pending.values():
-                    self.log(f"flower: round {task.round}: client {task.client} did not reply within "
-                             f"{self.timeout_s:g} s; it is missing")
-                return
-            if pending:
-                time.sleep(0.05)
+
+    def _give_up(self, waiting: list[tuple[Task, Tensors]], pending: dict[str, Task]) -> None:
+        """The round's time is up: log every client still waiting for its node or for its reply as missing."""
+        for task, _ in waiting:
+            self.log(f"flower: round {task.round}: the node of client {task.client} stayed offline for "
+                     f"{self.timeout_s:g} s; it is missing")
+        for task in pending.values():
+            self.log(f"flower: round {task.round}: client {task.client} did not reply within {self.timeout_s:g} s; "
+                     "it is missing")
 
     def fit(self, jobs: Sequence[Job], done: Callable[[Task], None]) -> list[Outcome]:
         got: dict[Task, Outcome] = {}
@@ -411,6 +433,9 @@ def data_record(path: str, config: str) -> ConfigRecord:
             raise ConfigError(f"{path} has no examples: give it at least one record")
     except ConfigError as err:
         return ConfigRecord({"error": str(err)})
+    except OSError as err:
+        return ConfigRecord({"error": f"cannot read {path} ({err.strerror}): make it readable by the SuperNode's "
+                                      "user"})
     names = [str(v) for v in raw]
     digest = hashlib.sha256(json.dumps([texts, names]).encode()).hexdigest()
     return ConfigRecord({"name": Path(path).name, "examples": len(texts), "labels": label_set(names),

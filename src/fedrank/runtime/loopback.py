@@ -28,11 +28,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY_APP = ROOT / "deploy" / "flower"
@@ -66,11 +66,13 @@ def wait_for_port(port: int, timeout: float, why: Path | None = None) -> None:
         time.sleep(0.2)
 
 
-def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float = 15.0) -> None:
-    """Stop exactly ``procs`` and the processes they spawned, each by its PID: SIGTERM, then SIGKILL."""
+def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float = 15.0, strays: Sequence[Any] = ()) -> None:
+    """Stop exactly ``procs`` and the processes they spawned, each by its PID: SIGTERM, then SIGKILL.  ``strays``:
+    ``psutil.Process`` es left behind by a killed process (``Deployment.kill``), stopped too while they still run
+    (a reused PID is left alone)."""
     import psutil
 
-    family: list[int] = []
+    family: list[int] = [s.pid for s in strays if s.is_running()]
     for p in procs:
         try:
             family += [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
@@ -165,8 +167,12 @@ class Deployment:
     env: dict[str, str]
     connection: str = "loopback"
     tls: Certificates | None = None
+    auth: bool = False  # SuperNode authentication
+    start_timeout: float = 60  # seconds the SuperLink gets to open its port
     procs: list[subprocess.Popen] = field(default_factory=list)
     nodes: list[subprocess.Popen] = field(default_factory=list)
+    link: subprocess.Popen | None = None  # the SuperLink
+    strays: list[Any] = field(default_factory=list)  # psutil.Process es whose parent was killed (``kill``)
 
     @property
     def address(self) -> str:
@@ -181,26 +187,71 @@ class Deployment:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.is_file() else ""
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        """Start a process whose output goes to ``logs/<name>.log``; it is stopped with the deployment."""
+    def start(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        """Start a process whose output goes to ``logs/<name>.log`` (appended: a restarted process keeps the earlier
+        output), with the deployment's environment updated by ``env``; it is stopped with the deployment."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / f"{name}.log", "w") as f:
-            p = subprocess.Popen([*args], env=self.env, cwd=self.work_dir, stdout=f, stderr=subprocess.STDOUT)
+        with open(self.logs / f"{name}.log", "a") as f:
+            p = subprocess.Popen([*args], env={**self.env, **(env or {})}, cwd=self.work_dir, stdout=f,
+                                 stderr=subprocess.STDOUT)
         self.procs.append(p)
         return p
 
-    def start_supernode(self, name: str, partition_id: int, num_partitions: int, *,
-                        key: NodeKey | None = None, trust: Trust | None = None,
-                        extra: Sequence[str] = ()) -> subprocess.Popen:
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL one process of the deployment by its PID, as a crash would; the processes it had spawned are
+        left running (they notice on their own, or are stopped with the deployment)."""
+        import psutil
+
+        try:
+            self.strays += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def strays_alive(self) -> list[int]:
+        """PIDs of the processes left behind by killed ones (``kill``) that still run (a zombie does not)."""
+        import psutil
+
+        alive = []
+        for p in self.strays:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def start_superlink(self) -> subprocess.Popen:
+        """Start the ``flower-superlink`` of this deployment (again, after it died: the same port and
+        ``--database``) and wait until its port accepts connections."""
+        link = ["flower-superlink", "--host", HOST, "--port", str(self.link_port),
+                "--disable-runtime-dependency-installation", "--database", str(self.work_dir / "link.db")]
+        if self.tls is None:
+            link.append("--insecure")
+        else:
+            link += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.certfile),
+                     "--ssl-keyfile", str(self.tls.keyfile)]
+        if self.auth:
+            link.append("--enable-supernode-auth")
+        self.link = self.start("superlink", *link)
+        wait_for_port(self.link_port, self.start_timeout, self.logs / "superlink.log")
+        return self.link
+
+    def start_supernode(self, name: str, partition_id: int = 0, num_partitions: int = 1, *,
+                        key: NodeKey | None = None, trust: Trust | None = None, extra: Sequence[str] = (),
+                        node_config: str = "", env: Mapping[str, str] | None = None) -> subprocess.Popen:
         """Start one ``flower-supernode`` serving ``partition-id``; ``key``: its auth private key.
 
         ``trust``: how it dials the SuperLink: ``"ca"`` (``--root-certificates`` = the deployment's
         CA), ``"system"`` (TLS verified against the system's CAs only), ``"insecure"`` (plain
         HTTP); default: ``"ca"`` with TLS, ``"insecure"`` without.  Other values test refusals.
+        ``node_config``: its whole ``--node-config`` instead of the partition (e.g. ``data='/path/shard.jsonl'``);
+        ``env``: changes to its environment (and its ClientApps').
         """
         trust = trust or ("insecure" if self.tls is None else "ca")
         args = ["flower-supernode", "--superlink", self.address, "--host", HOST, "--port", str(free_port()),
-                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
+                "--node-config", node_config or f"partition-id={partition_id} num-partitions={num_partitions}"]
         if trust == "insecure":
             args.append("--insecure")
         elif trust == "ca":
@@ -209,7 +260,7 @@ class Deployment:
             args += ["--root-certificates", str(self.tls.ca)]
         if key is not None:
             args += ["--auth-supernode-private-key", str(key.private)]
-        return self.start(name, *args, *extra)
+        return self.start(name, *args, *extra, env=env)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's ``$FLWR_HOME``."""
@@ -252,11 +303,21 @@ class Deployment:
                 raise TimeoutError(f"{len(online)} of {n} SuperNodes online after {timeout:.0f} s")
             time.sleep(1.0)
 
+    def run_args(self, config_path: Path, out_dir: Path, run_config: str = "") -> list[str]:
+        """The arguments of ``flwr run deploy/flower <connection> --stream`` with fedrank's ``config``/``out``
+        (+ ``run_config``)."""
+        rc = f'config="{config_path}" out="{out_dir}"' + (f" {run_config}" if run_config else "")
+        return ["run", str(DEPLOY_APP), self.connection, "--stream", "--run-config", rc]
+
     def run(self, config_path: Path, out_dir: Path, timeout: float, *,
             run_config: str = "") -> subprocess.CompletedProcess[str]:
-        """``flwr run deploy/flower <connection> --stream`` with fedrank's ``config``/``out`` (+ ``run_config``)."""
-        rc = f'config="{config_path}" out="{out_dir}"' + (f" {run_config}" if run_config else "")
-        return self.flwr("run", str(DEPLOY_APP), self.connection, "--stream", "--run-config", rc, timeout=timeout)
+        """Run ``flwr run ... --stream`` (``run_args``) to its end."""
+        return self.flwr(*self.run_args(config_path, out_dir, run_config), timeout=timeout)
+
+    def start_run(self, config_path: Path, out_dir: Path, *, run_config: str = "",
+                  name: str = "flwr-run") -> subprocess.Popen:
+        """Start ``flwr run ... --stream`` (``run_args``) in the background; its output goes to ``logs/<name>.log``."""
+        return self.start(name, "flwr", *self.run_args(config_path, out_dir, run_config))
 
 
 def _config_toml(connection: str, port: int, tls: Certificates | None) -> str:
@@ -290,18 +351,10 @@ def loopback_deployment(work_dir: Path, num_nodes: int, *, tls: Certificates | N
     base = dict(os.environ if env is None else env)
     base.update({"FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{base.get('PATH', '')}",
                  "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
-    dep = Deployment(work_dir=work, home=home, link_port=port, env=base, connection=connection, tls=tls)
-    link = ["flower-superlink", "--host", HOST, "--port", str(port), "--disable-runtime-dependency-installation",
-            "--database", str(work / "link.db")]
-    if tls is None:
-        link.append("--insecure")
-    else:
-        link += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.certfile), "--ssl-keyfile", str(tls.keyfile)]
-    if auth is not None:
-        link.append("--enable-supernode-auth")
+    dep = Deployment(work_dir=work, home=home, link_port=port, env=base, connection=connection, tls=tls,
+                     auth=auth is not None, start_timeout=start_timeout)
     try:
-        dep.start("superlink", *link)
-        wait_for_port(port, start_timeout, dep.logs / "superlink.log")
+        dep.start_superlink()
         for key in auth or ():
             dep.register(key, timeout=start_timeout)
         for i in range(num_nodes):
@@ -309,4 +362,4 @@ def loopback_deployment(work_dir: Path, num_nodes: int, *, tls: Certificates | N
                                                  key=None if auth is None else auth[i]))
         yield dep
     finally:
-        stop_processes(dep.procs)
+        stop_processes(dep.procs, strays=dep.strays)
