@@ -155,7 +155,7 @@ def paired(runs: list[RunRecord], baseline: str, target: float) -> list[dict[str
         for key, value, gain in (("final", lambda r: r.summary[f"final_{h.key}"], h.gain),
                                  ("late", lambda r: late_mean(r, h.key), h.gain), ("rounds", reached, lambda d: -d)):
             diffs = [value(r) - value(b) for r, b in pairs]
-            row[key] = _paired_stats(diffs, stats, gain)
+            row[key] = paired_stats(diffs, stats, gain)
         out.append(row)
     return out
 
@@ -165,7 +165,7 @@ def late_mean(run: RunRecord, key: str) -> float:
     return statistics.fmean(r[key] for r in run.rows if key in r and r["round"] > run.cfg.rounds / 2)
 
 
-def _paired_stats(diffs: list[float], stats: Any, gain: Callable[[float], float]) -> dict[str, Any]:
+def paired_stats(diffs: list[float], stats: Any, gain: Callable[[float], float]) -> dict[str, Any]:
     """Mean, std, t-test and sign-flip p of ``diffs``; ``wins``: how many are better by ``gain`` (> 0)."""
     n = len(diffs)
     mean = statistics.fmean(diffs)
