@@ -11,11 +11,12 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fedrank.config import load_config, save_config  # noqa: E402
+from fedrank.config import ConfigError, load_config, save_config  # noqa: E402
 from fedrank.data import Splits, TextDataset, load_splits  # noqa: E402
 from fedrank.data.sources import holdout_size  # noqa: E402
 from fedrank.job import Hooks, execute  # noqa: E402
 from fedrank.runtime import flower, loopback  # noqa: E402
+from fedrank.serverapp import record_enrolment  # noqa: E402
 
 from test_flower import DEPLOY_RUN_CONFIG, DEPLOY_WAIT_S, ThreadGrid  # noqa: E402
 from test_run import TINY, metrics  # noqa: E402
@@ -58,8 +59,8 @@ def node_overrides(labels: Sequence[str], *extra: str) -> list[str]:
 def test_nodes_enrol_by_their_files_and_the_server_evaluates_on_its_own_test_file(bbc: Splits,
                                                                                    tmp_path: Path) -> None:
     """In-process grid: three nodes with their own files and one whose file has a label outside data.labels; the
-    fourth is refused with one log line, the quality policy raises a client through evaluate messages, and the
-    server's test file evaluates the global model."""
+    fourth is refused with one log line, the quality policy raises a client through evaluate messages, a node back
+    under a new node id serves its client again, and the server's test file evaluates the global model."""
     files = organisations(bbc.train, tmp_path)
     stranger = write_jsonl(tmp_path / "org3" / "shard.jsonl", [("Rain all week across the north.", "weather")] * 5)
     test_file = write_jsonl(tmp_path / "server" / "test.jsonl", rows_of(bbc.test, range(24)))
@@ -69,11 +70,19 @@ def test_nodes_enrol_by_their_files_and_the_server_evaluates_on_its_own_test_fil
     logs: list[str] = []
     grid = ThreadGrid([{"data": str(f)} for f in [*files, stranger]])
     runtime = flower.FlowerRuntime(grid, cfg, timeout_s=DEPLOY_WAIT_S, log=logs.append)
+    moved: list[int] = []
+
+    def restart_node_1(row: dict) -> None:  # back under a new node id: its file says which client it is
+        if row["round"] == 1:
+            moved.append(grid.restart(1001))
+
     try:
         sizes = runtime.node_sizes()
-        summary = execute(runtime.cfg, tmp_path / "run", Hooks(log=logs.append), lambda exp: runtime, sizes)
+        summary = execute(runtime.cfg, tmp_path / "run", Hooks(round=restart_node_1, log=logs.append),
+                          lambda exp: runtime, sizes)
     finally:
         grid.pool.shutdown(wait=True)
+    assert any(line.startswith(f"flower: node {moved[0]} (shard.jsonl) serves client ") for line in logs), logs
     refused = [line for line in logs if "refused" in line]
     assert refused == [f"flower: refused node 1003: shard.jsonl has labels ['weather'] that are not in data.labels "
                        f"{bbc.train.label_names}; the run goes on without it"], logs
@@ -84,6 +93,25 @@ def test_nodes_enrol_by_their_files_and_the_server_evaluates_on_its_own_test_fil
     assert rows[0]["ranks"] == [2, 2, 2] and sorted(rows[1]["ranks"]) == [2, 2, 8]  # quality, via evaluate messages
     assert summary["evaluation"] == f"server test file {test_file}" and summary["final_eval_examples"] == 24
     assert 0.0 <= summary["final_accuracy"] <= 1.0
+
+
+def test_a_node_reads_a_jsonl_or_csv_file_or_a_save_to_disk_folder_alike(tmp_path: Path) -> None:
+    """The same examples as JSONL, CSV and a datasets ``save_to_disk`` folder: the same report to the server."""
+    import csv
+
+    import datasets
+
+    rows = [("Shares rose.", "business"), ("A late goal.", "sport"), ("Rates held.", "business")]
+    jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]}).save_to_disk(
+        str(tmp_path / "saved"))
+    config = flower.config_text(load_config(None, node_overrides(["business", "sport"])))
+    reports = [dict(flower.data_record(str(path), config)) for path in (jsonl, tmp_path / "a.csv", tmp_path / "saved")]
+    assert [r.pop("name") for r in reports] == ["a.jsonl", "a.csv", "saved"]
+    assert reports[0] == reports[1] == reports[2] and reports[0]["examples"] == 3
+    assert reports[0]["labels"] == ["business", "sport"]
 
 
 def test_a_node_says_in_one_line_what_is_wrong_with_its_file(tmp_path: Path) -> None:
@@ -98,6 +126,19 @@ def test_a_node_says_in_one_line_what_is_wrong_with_its_file(tmp_path: Path) -> 
         assert str(path) in error and "\n" not in error, error
     assert "not found" in errors[tmp_path / "gone.jsonl"] and "data.label_field" in errors[unlabelled]
     assert "no examples" in errors[tmp_path / "empty.jsonl"]
+
+
+def test_a_resumed_run_needs_the_nodes_it_started_with(tmp_path: Path) -> None:
+    """The enrolled files fix the client ids: resuming a run folder with other nodes is a one-line error."""
+    def shard(name: str) -> flower.NodeShard:
+        return flower.NodeShard(7, name, 10, ["business", "sport"], f"sha-of-{name}")
+
+    record_enrolment(tmp_path, [shard("a.jsonl"), shard("b.jsonl")])
+    assert json.loads((tmp_path / "nodes.json").read_text())[1] == {
+        "name": "b.jsonl", "examples": 10, "labels": ["business", "sport"], "fingerprint": "sha-of-b.jsonl"}
+    record_enrolment(tmp_path, [shard("a.jsonl"), shard("b.jsonl")])  # the same nodes again
+    with pytest.raises(ConfigError, match=r"\['a.jsonl'\]\) are not those of its start"):
+        record_enrolment(tmp_path, [shard("a.jsonl")])
 
 
 def sandboxed(log: Path, forbidden: Sequence[Path], watched: Path) -> dict[str, str]:
@@ -143,3 +184,5 @@ def test_three_organisations_train_on_their_own_files_on_a_loopback_deployment(b
     assert [(r["clients"], r["missing"]) for r in rows] == [([0, 1, 2], [])] * 2 and "accuracy" in rows[-1]
     said = [line for line in run.stdout.splitlines() if line.startswith("fedrank: flower: client ")]
     assert len(said) == 3 and all("examples, labels" in line for line in said), run.stdout
+    known = json.loads((out / "nodes.json").read_text())  # all the server knows of the nodes' data
+    assert sorted(n["examples"] for n in known) == SIZES and {n["name"] for n in known} == {"shard.jsonl"}

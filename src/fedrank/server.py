@@ -63,6 +63,7 @@ class RunFiles:
         self.checkpoints = root / "checkpoints"
         self.summary = root / "summary.json"
         self.adapter = root / "adapter"
+        self.nodes = root / "nodes.json"  # node-local data: what the server knows of each client's data file
 
     def read_metrics(self, up_to: int | None = None) -> list[dict[str, Any]]:
         """Complete metric lines (a line cut by a crash is dropped), at most round ``up_to``."""

@@ -13,17 +13,21 @@ Wire format (one message per job):
   fedrank ``config`` (TOML text, so a client can build its experiment without any
   out-of-band configuration);
 * reply ``content["reply"]``: a ``MetricRecord`` with the aggregation ``weight`` and the
-  training stats.
+  training stats (``evaluate``: the validation metrics and ``eval_examples``).
 
 Node mapping: a node with ``node_config`` ``partition-id=i num-partitions=N`` serves the
 fedrank clients ``c`` with ``c % N == i``; ``device='cuda:1'`` in its node config makes it
 train and evaluate on that device instead of the run config's ``device``.  Client sampling stays fedrank's own seeded
-sampling (``Server.round``); Flower's sampling is never used.
+sampling (``Server.round``); Flower's sampling is never used.  Node-local data (``data.dataset = "nodes"``): a node
+with ``data='PATH'`` in its node config serves one client on that file; it tells the server (``query.partition``)
+the file's name, size, label names and a fingerprint of its examples, never a row, and the accepted nodes ordered by
+fingerprint are the clients (``FlowerRuntime.node_sizes``).
 
 Faults: a round waits at most ``timeout_s`` (constructor argument, default the config's
 ``runtime_timeout_s``) for its replies; a client
 whose reply is an error or does not arrive in time is logged and left out, and the server
-records it under ``missing``.
+records it under ``missing``.  A job whose node is offline is sent when the node is back within that time; a node
+that comes back under a new node id is asked what it serves.
 
 Entry points:
 
@@ -139,6 +143,10 @@ class NodeShard:
     examples: int
     labels: list[str]
     fingerprint: str  # SHA-256 of its examples: which client the node is, whatever its node id
+
+    def known(self) -> dict[str, Any]:
+        """What the server keeps of it in the run folder (``nodes.json``): all but the node id."""
+        return {"name": self.name, "examples": self.examples, "labels": self.labels, "fingerprint": self.fingerprint}
 
 
 class FlowerRuntime:
@@ -263,11 +271,15 @@ class FlowerRuntime:
         self.num_partitions = len(self.clients)
         self.cfg = enrolled(self.cfg, len(self.clients), self.log)
         self.config = config_text(self.cfg)
-        shards = [self.offers[f] for f in self.clients]
-        for c, shard in enumerate(shards):
+        for c, shard in enumerate(self.enrolled):
             self.log(f"flower: client {c} is node {shard.node} ({shard.name}: {shard.examples} examples, labels "
                      f"{shard.labels})")
-        return [s.examples - holdout_size(s.examples, self.cfg.clients.val_fraction) for s in shards]
+        return [s.examples - holdout_size(s.examples, self.cfg.clients.val_fraction) for s in self.enrolled]
+
+    @property
+    def enrolled(self) -> list[NodeShard]:
+        """Node-local data: what the enrolled nodes reported, in client order."""
+        return [self.offers[f] for f in self.clients]
 
     def node_for(self, client: int) -> int | None:
         return self.partitions.get(client % self.num_partitions) if self.num_partitions else None
