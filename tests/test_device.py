@@ -3,6 +3,7 @@ SuperNode's own device.  Tests that need a CUDA or MPS device skip without one."
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,8 @@ from typer.testing import CliRunner
 
 from fedrank import aggregation
 from fedrank.cli import app
-from fedrank.compute import resolve_device
+from fedrank import compute
+from fedrank.compute import resolve_device, resolve_precision
 from fedrank.config import ConfigError, load_config
 from fedrank.job import execute
 
@@ -41,13 +43,33 @@ def test_bad_device_is_one_line_and_exit_2(name: str, tmp_path: Path) -> None:
 
 
 def test_bad_precision_and_comm_dtype_are_one_line_and_exit_2(tmp_path: Path) -> None:
-    assert "`precision` must be one of fp32, bf16, fp16" in one_line_error(["--set", "precision=fp8"], tmp_path)
+    assert "`precision` must be one of fp32, bf16, fp16, auto" in one_line_error(["--set", "precision=fp8"], tmp_path)
     assert "`comm.dtype` must be one of fp32, bf16, fp16" in one_line_error(["--set", "comm.dtype=int8"], tmp_path)
 
 
 def test_auto_and_cpu_resolve() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+
+
+def test_this_cpus_bf16_units_match_its_cpuinfo_flags() -> None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+    assert compute.has_bf16_units(torch.device("cpu")) is bool(flags & {"avx512_bf16", "amx_tile"})
+
+
+@pytest.mark.parametrize("units, resolved", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_device_has_bf16_units(
+        units: bool, resolved: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(compute, "has_bf16_units", lambda device: units)
+    assert resolve_precision("auto", torch.device("cpu")) == resolved
+    assert [resolve_precision(p, torch.device("cpu")) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    execute(load_config(None, TINY + ["precision=auto", "rounds=1"]), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["device"], summary["precision"]) == ("cpu", resolved)
+    assert f"precision {resolved};" in (tmp_path / "adapter" / "README.md").read_text()
 
 
 @pytest.mark.skipif(CUDA, reason="this machine has CUDA")

@@ -55,14 +55,16 @@ def test_method_variants() -> None:
         method_overrides("fedavg")
 
 
-@pytest.mark.parametrize("overrides, label", [
-    (method_overrides("fedit@5"), "fedit@5"),
-    (method_overrides("fedit@5") + ["precision=bf16"], "fedit@5 bf16"),
-    (["method=replication", "server.head=tier", "precision=fp16"], "replication+tier fp16"),
+@pytest.mark.parametrize("overrides, summary, label", [
+    (method_overrides("fedit@5"), {}, "fedit@5"),
+    (method_overrides("fedit@5") + ["precision=bf16"], {}, "fedit@5 bf16"),
+    (["method=replication", "server.head=tier", "precision=fp16"], {}, "replication+tier fp16"),
+    (["method=flexlora", "precision=auto"], {"precision": "bf16"}, "flexlora bf16"),  # as resolved where it ran
+    (["method=flexlora", "precision=auto"], {"precision": "fp32"}, "flexlora"),
 ])
-def test_a_runs_label_names_its_method_rank_head_and_a_precision_other_than_fp32(overrides: list[str],
-                                                                                   label: str) -> None:
-    assert RunRecord(Path("run"), load_config(None, overrides), [], {}).label == label
+def test_a_runs_label_names_its_method_rank_head_and_a_precision_other_than_fp32(
+        overrides: list[str], summary: dict[str, str], label: str) -> None:
+    assert RunRecord(Path("run"), load_config(None, overrides), [], summary).label == label
 
 
 def test_rounds_to_target() -> None:

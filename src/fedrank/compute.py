@@ -23,6 +23,23 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+def has_bf16_units(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 support (Ampere or later), or a CPU with
+    AVX-512 bf16 or AMX instructions.  Elsewhere bf16 is emulated, and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` → ``bf16`` where the device has bf16 units (``has_bf16_units``), else ``fp32``; others as given."""
+    if name != "auto":
+        return name
+    return "bf16" if has_bf16_units(device) else "fp32"
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA if present, else CPU; an explicit device must exist on this machine (else ConfigError)."""
     if not _DEVICE.fullmatch(name):
@@ -52,14 +69,14 @@ class Compute:
 
     @classmethod
     def of(cls, device: str, precision: str) -> Compute:
-        """The config's device and precision; on CUDA, deterministic kernels are requested so that the same seed
+        """The config's device and precision (``auto`` resolved for that device); on CUDA, deterministic kernels are requested so that the same seed
         gives the same run (cuBLAS needs its workspace setting before its first use; ops without a deterministic
         kernel warn)."""
         resolved = resolve_device(device)
         if resolved.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        return cls(resolved, precision)
+        return cls(resolved, resolve_precision(precision, resolved))
 
     @property
     def dtype(self) -> torch.dtype | None:

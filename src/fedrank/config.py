@@ -160,8 +160,9 @@ class Config:
     device: str = _opt("auto", "where the model trains and evaluates: auto (CUDA if present, else CPU) | cpu | cuda | "
                        "cuda:N | mps; what is sent, checkpointed and exported is CPU fp32 regardless")
     precision: str = _opt("fp32", "autocast precision of forward and backward passes: fp32 | bf16 | fp16 (with a loss "
-                          "scaler); LoRA factors, head, optimizer state and aggregation stay fp32",
-                          choices=("fp32", "bf16", "fp16"))
+                          "scaler) | auto (bf16 where the device has bf16 units: AVX-512 bf16 or AMX CPUs, Ampere+ "
+                          "GPUs; else fp32); LoRA factors, head, optimizer state and aggregation stay fp32",
+                          choices=("fp32", "bf16", "fp16", "auto"))
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     ranks: RanksConfig = field(default_factory=RanksConfig)
     data: DataConfig = field(default_factory=DataConfig)

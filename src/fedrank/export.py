@@ -14,7 +14,7 @@ from fedrank.models import BASE_NOTES, hub_id
 CARD = "fedrank_card"
 
 
-def training_card(cfg: Config, label_names: Sequence[str], targets: Sequence[str]) -> str:
+def training_card(cfg: Config, label_names: Sequence[str], targets: Sequence[str], precision: str) -> str:
     """A short README saying what the adapter is and how it was trained."""
     base, r, t = hub_id(cfg.model.name), cfg.ranks, cfg.train
     classify = cfg.task == "classify"
@@ -34,7 +34,7 @@ def training_card(cfg: Config, label_names: Sequence[str], targets: Sequence[str
         + (f", fractions {r.fractions}" if r.fractions else ""),
         f"- federation: {cfg.rounds} rounds, {cfg.clients.per_round} of {cfg.clients.count} clients per round, {local}",
         f"- data: `{cfg.data.dataset}`, `{cfg.data.partition}` partition",
-        f"- seed {cfg.seed}; precision {cfg.precision}; tensors sent in {cfg.comm.dtype}", "",
+        f"- seed {cfg.seed}; precision {precision}; tensors sent in {cfg.comm.dtype}", "",
         "```python",
         "from peft import PeftModel",
         f"from transformers import {auto}",

@@ -44,8 +44,9 @@ class RunRecord:
             label += f"@{values[0]}"
         if self.cfg.server.head != "fedavg":
             label += f"+{self.cfg.server.head}"
-        if self.cfg.precision != "fp32":
-            label += f" {self.cfg.precision}"
+        precision = self.summary.get("precision", self.cfg.precision)  # as resolved where it ran (`auto`)
+        if precision != "fp32":
+            label += f" {precision}"
         return label
 
 

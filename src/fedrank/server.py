@@ -268,6 +268,8 @@ class Server:
             "rounds": cfg.rounds,
             "headline": exp.task.headline.key,
             "evaluation": exp.evaluation,
+            "device": str(exp.task.compute.device),
+            "precision": exp.task.compute.precision,  # `auto` resolved on the machine that ran it
             "final_eval_examples": (int(final.get(EVAL_EXAMPLES, 0)) if exp.test is None
                                     else len(exp.test if full else exp.test_round)),
             **exp.task.headline.summary(final, rows),

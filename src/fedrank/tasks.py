@@ -205,7 +205,7 @@ class LearningTask:
         self.default_heads = self.heads_of(model)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        setattr(model, CARD, training_card(cfg, label_names, self.target_modules))
+        setattr(model, CARD, training_card(cfg, label_names, self.target_modules, self.compute.precision))
         model.to(self.compute.device)
         return loaded
 
