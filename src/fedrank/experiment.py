@@ -85,13 +85,10 @@ def _clients(cfg: Config, task: LearningTask, train: TextDataset,
              sizes: Sequence[int] | None) -> tuple[dict[int, ClientData], list[int]]:
     """Every client's data and its number of training examples; for node-local data no data (the SuperNodes hold
     it) and the ``sizes`` the nodes reported."""
-    if cfg.data.dataset != NODES:
-        data = client_data(cfg, task, train, partitioned(cfg, train, range(cfg.clients.count)))
-        return data, [len(data[c].train) for c in range(cfg.clients.count)]
-    if sizes is None:
-        raise ConfigError(f"data.dataset = {NODES}: only Flower SuperNodes read the training data, each its own "
-                          "file: run it with `flwr run deploy/flower` (docs/flower.md)")
-    return {}, list(sizes)
+    if cfg.data.dataset == NODES:
+        return {}, list(sizes or ())
+    data = client_data(cfg, task, train, partitioned(cfg, train, range(cfg.clients.count)))
+    return data, [len(data[c].train) for c in range(cfg.clients.count)]
 
 
 def _evaluation(cfg: Config) -> str:
@@ -109,6 +106,9 @@ def build(cfg: Config, lap: Lap = _no_lap, sizes: Sequence[int] | None = None) -
     ``None`` without one (the nodes' validation splits evaluate the global model).
     ``lap`` phases: ``labels`` (raw dataset loaded), ``model`` (base model loaded), ``data`` (every client's data
     and the test split tokenised), ``client`` (adapters and method built)."""
+    if cfg.data.dataset == NODES and sizes is None:
+        raise ConfigError(f"data.dataset = {NODES}: only Flower SuperNodes read the training data, each its own "
+                          "file: run it with `flwr run deploy/flower` (docs/flower.md)")
     method_cls, task = _setup(cfg)
     splits = task.load_data()
     lap("labels")

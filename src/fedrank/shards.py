@@ -6,7 +6,8 @@ loading, partitioning and tokenising the dataset again, and a node never tokenis
 node's clients.  A file's name is the SHA-256 of everything its content depends on: the task, the model (its
 tokenizer), ``train.max_length``, the whole ``[data]`` table, ``seed``, ``clients.count``,
 ``clients.val_fraction``, the client id, the data file's size and modification time (a SuperNode's own file for
-node-local data: ``NodeShards``), and ``FORMAT`` (raise it when encoding changes).  Files are written atomically; only safetensors (numpy arrays) and JSON are read back.
+node-local data: ``NodeShards``), and ``FORMAT`` (raise it when encoding changes).  Files are written atomically;
+only safetensors (numpy arrays) and JSON are read back.
 """
 
 from __future__ import annotations

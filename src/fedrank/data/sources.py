@@ -269,14 +269,19 @@ def label_set(raw: Sequence[Any]) -> list[str]:
     return sorted({str(v) for v in raw})
 
 
+def foreign_labels(names: Sequence[Any], labels: Sequence[str]) -> str:
+    """``has labels [...] that are not in data.labels [...]`` for the ``names`` outside ``labels``; "" if none."""
+    unknown = sorted({str(v) for v in names} - set(labels))
+    return f"has labels {unknown} that are not in data.labels {list(labels)}" if unknown else ""
+
+
 def labelled(path: Path, cfg: DataConfig, key: str) -> TextDataset:
     """A file's examples numbered by ``cfg.labels`` (a node's own data, the server's test file); ConfigError naming
     the file when it has a label that is not in that list."""
     texts, raw = read_examples(path, cfg, key)
-    unknown = sorted(set(label_set(raw)) - set(cfg.labels))
-    if unknown:
-        raise ConfigError(f"{path} has labels {unknown} that are not in data.labels {cfg.labels}: add them to "
-                          "data.labels or remove those records")
+    foreign = foreign_labels(raw, cfg.labels)
+    if foreign:
+        raise ConfigError(f"{path} {foreign}: add them to data.labels or remove those records")
     return _encode(texts, raw, list(cfg.labels))
 
 

@@ -67,7 +67,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from fedrank import wire  # noqa: E402
 from fedrank.client import FedClient, split_head, with_head  # noqa: E402
 from fedrank.config import NODES, Config, ConfigError, load_config, to_dict  # noqa: E402
-from fedrank.data.sources import NODE_DATA, holdout_size, label_set, read_examples  # noqa: E402
+from fedrank.data.sources import NODE_DATA, foreign_labels, holdout_size, label_set, read_examples  # noqa: E402
 from fedrank.methods import Reply, Task, Tensors  # noqa: E402
 from fedrank.methods.base import Factors, pack, unpack  # noqa: E402
 from fedrank.runtime import Job, Outcome  # noqa: E402
@@ -117,10 +117,8 @@ def data_problem(rec: ConfigRecord | None, labels: Sequence[str]) -> str:
         return "it has no data file: start it with --node-config \"data='PATH'\""
     if "error" in rec:
         return str(rec["error"])
-    unknown = sorted(set(map(str, rec["labels"])) - set(labels))
-    if unknown:
-        return f"{rec['name']} has labels {unknown} that are not in data.labels {list(labels)}"
-    return ""
+    foreign = foreign_labels(rec["labels"], labels)
+    return f"{rec['name']} {foreign}" if foreign else ""
 
 
 def enrolled(cfg: Config, count: int, log: Callable[[str], None]) -> Config:
@@ -222,7 +220,8 @@ class FlowerRuntime:
             self.partitions[self.clients.index(fingerprint)] = node
             self.log(f"flower: node {node} ({rec['name']}) serves client {self.clients.index(fingerprint)} again")
         else:
-            self._refuse(node, f"its data ({rec['name']}) is not one of this run's clients (they enrolled at the start)")
+            self._refuse(node, f"its data ({rec['name']}) is not one of this run's clients (they enrolled at the "
+                         "start)")
 
     def _complete(self) -> bool:
         """Whether every expected node has answered: ``num-partitions`` partitions, or (node-local data)
@@ -266,6 +265,9 @@ class FlowerRuntime:
         if not self.node_data:
             return None
         self.discover()
+        if not self.offers:
+            raise RuntimeError("flower: no SuperNode's data file was accepted (the refusals are above): nothing to "
+                               "train on")
         self.clients = sorted(self.offers)
         self.partitions = {c: self.offers[f].node for c, f in enumerate(self.clients)}
         self.num_partitions = len(self.clients)
