@@ -22,12 +22,14 @@ SETTINGS = {"base (lr 1e-3, top 10%, 4 local steps)": "quality", "lr 5e-4": "h4_
 MEASURES = {"final": lambda run: run.summary["final_accuracy"], "late": lambda run: late_mean(run, "accuracy")}
 
 
-def gaps(folder: str, measure: str) -> dict[int, tuple[float, float, float]]:
-    """seed → (replication, zeropad, replication − zeropad) of ``measure``, for seeds with both runs finished."""
+def gaps(folder: str, measure: str) -> dict[int, tuple[float, float, float, float]]:
+    """seed → (replication, zeropad, replication − zeropad) of ``measure`` and replication's final accuracy
+    truncated to rank 5, for seeds with both runs finished."""
     runs = [load_run(p) for p in sorted((HERE / folder / "runs").iterdir()) if (p / "summary.json").is_file()]
     value = {(r.label, r.cfg.seed): MEASURES[measure](r) for r in runs}
+    rank5 = {r.cfg.seed: r.summary["final_tiers"]["accuracy_r5"] for r in runs if r.label == "replication"}
     return {seed: (value[("replication", seed)], value[("zeropad", seed)],
-                   value[("replication", seed)] - value[("zeropad", seed)])
+                   value[("replication", seed)] - value[("zeropad", seed)], rank5[seed])
             for label, seed in value if label == "replication" and ("zeropad", seed) in value}
 
 
@@ -41,7 +43,7 @@ def main() -> None:
     for measure in MEASURES:
         base = gaps(SETTINGS[next(iter(SETTINGS))], measure)
         print(f"\n{measure} accuracy | seeds | replication | zeropad | gap replication − zeropad | "
-              f"gap change vs base (same seeds)")
+              f"gap change vs base (same seeds) | replication's final model truncated to rank 5")
         for name, folder in SETTINGS.items():
             g = gaps(folder, measure) if (HERE / folder / "runs").is_dir() else {}
             seeds = sorted(g)
@@ -51,7 +53,7 @@ def main() -> None:
             rep, zp = (statistics.fmean(g[s][i] for s in seeds) for i in (0, 1))
             change = describe([g[s][2] - base[s][2] for s in seeds]) if folder != "quality" else "—"
             print(f"{name} | {','.join(map(str, seeds))} | {rep:.3f} | {zp:.3f} | "
-                  f"{describe([g[s][2] for s in seeds])} | {change}")
+                  f"{describe([g[s][2] for s in seeds])} | {change} | {statistics.fmean(g[s][3] for s in seeds):.3f}")
 
 
 if __name__ == "__main__":
