@@ -14,13 +14,30 @@ Q=configs/bbc_hetero.toml
 # H1-H3 on the quality split (Byun & Lee's setting), same partitions and ranks per seed. The head rules ran on
 # seed 0 only (the CPU budget went to 5 seeds of the four padding rules).
 $F compare $Q --methods replication,zeropad,orderedfold,updatepad,replication+tier,replication+frozen \
-  --seeds 0 "${CUTS[@]}" --out $OUT/quality --target 0.8 --jobs 2
+  --seeds 0 "${CUTS[@]}" --out $OUT/quality --target 0.6 --jobs 2
 $F compare $Q --methods replication,zeropad,updatepad,orderedfold --seeds 0,1,2,3,4 "${CUTS[@]}" \
-  --out $OUT/quality --target 0.8 --jobs 2
+  --out $OUT/quality --target 0.6 --jobs 2
 # H6: who gets the high rank. The same quality policy, but after round 1 the data-rich (balanced, high-quality)
 # clients are raised instead of the best local validation scores.
 $F compare $Q --methods replication,zeropad --seeds 0,1,2 "${CUTS[@]}" --set ranks.quality_by=size \
-  --out $OUT/quality_by_size --target 0.8 --jobs 2
-# The default job's setting (Dirichlet alpha=1 label skew, ranks 4/16 half and half), for the default rule.
-$F compare --methods replication,zeropad,flexlora --seeds 0 \
-  --set eval.every=2 --set eval.dynamics=true --set threads=1 --out $OUT/dirichlet --target 0.8 --jobs 2
+  --out $OUT/quality_by_size --target 0.6 --baseline zeropad --jobs 2
+# The references at the same budget: fedit@5 (seed 0: identical to zeropad), fedit@20 and FlexLoRA (5 seeds),
+# Fed-PLoRA (seed 0).
+$F compare $Q --methods fedit@5,fedit@20,flexlora,fedplora --seeds 0 "${CUTS[@]}" --out $OUT/quality --target 0.6 --jobs 2
+$F compare $Q --methods fedit@20,flexlora --seeds 1,2,3,4 "${CUTS[@]}" --out $OUT/quality --target 0.6 --jobs 2
+# H6 on seeds 3 and 4.
+$F compare $Q --methods replication,zeropad --seeds 3,4 "${CUTS[@]}" --set ranks.quality_by=size \
+  --out $OUT/quality_by_size --target 0.6 --baseline zeropad --jobs 2
+# H4: one change at a time against the base setting (lr 1e-3, top 10% at rank 20, 4 local steps), seeds 0-2.
+h4 () { $F compare $Q --methods replication,zeropad --seeds $1 "${CUTS[@]}" --set $2 --out $OUT/$3 --target 0.6 \
+          --baseline zeropad --jobs 2; }
+h4 0,1,2 train.lr=5e-4 h4_lr5e-4
+# Queued but not run before the session ended (the next steps; h4_gap.py picks them up when they exist):
+# h4 0,1,2 ranks.top_fraction=0.3 h4_top30
+# h4 0,1,2 train.local_epochs=1 h4_epoch
+# h4 0,1,2 train.lr=2e-3 h4_lr2e-3
+.venv/bin/python $OUT/h4_gap.py
+# Reports as committed (paired against zeropad; and against replication).
+$F report $OUT/quality/runs/* --out $OUT/quality --target 0.6 --baseline zeropad
+$F report $OUT/quality/runs/{replication,zeropad,updatepad,orderedfold}-seed* --out $OUT/quality/vs_replication \
+  --target 0.6 --baseline replication
