@@ -137,7 +137,7 @@ def test_the_frozen_base_is_stored_in_the_autocast_dtype_and_trains_as_if_cast_e
     trainable = [p for n, p in model.peft.named_parameters() if "lora_" in n or "classifier" in n]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)  # every rank's factors and the head
     assert all(w.dtype == torch.float32 for w in model.W0.values())
-    monkeypatch.setattr(AdaptedModel, "_store_frozen_linears", lambda self: None)  # fp32 base, cast per matmul
+    monkeypatch.setattr(AdaptedModel, "_store_frozen_linears", lambda self, dtype: None)  # fp32 base, cast per matmul
     cast_loss, cast, _ = fit_one_client("bf16")
     assert stored_loss == pytest.approx(cast_loss, rel=1e-6)
     for k in cast:

@@ -109,27 +109,22 @@ class AdaptedModel:
         self.head_params = {n: self.params[f"base_model.model.{n}"] for n in self.head_names}
         self._folded = False
         self.rank = 1
-        self.frozen_dtype = frozen_dtype
-        self._store_frozen_linears()
+        if frozen_dtype is not None:
+            self._store_frozen_linears(frozen_dtype)
 
-    def _store_frozen_linears(self) -> None:
-        """Store the frozen base's Linear weights in ``frozen_dtype`` (the autocast dtype, or fp32 when None).
+    def _store_frozen_linears(self, dtype: torch.dtype) -> None:
+        """Store the frozen base's Linear weights in ``dtype`` (the autocast dtype).
 
         Autocast casts every Linear weight to its dtype before each matmul anyway, so storing them cast gives the
         same arithmetic without the per-step cast.  LoRA factors, the head and the pristine ``W0`` stay fp32, and so
         does a Linear tied to an embedding table (e.g. a causal LM's ``lm_head``): casting it would cast the
         embeddings, and with them the whole residual stream, whose elementwise ops are slow in bf16 on CPUs.
         """
-        if self.frozen_dtype is None:
-            return
-        tied = {id(m.weight) for m in self.peft.modules() if isinstance(m, nn.Embedding)}
+        keep = ({id(m.weight) for m in self.peft.modules() if isinstance(m, nn.Embedding)}
+                | {id(p) for p in self.head_params.values()})
         for name, mod in self.peft.named_modules():
-            if (isinstance(mod, nn.Linear) and "lora_" not in name and not self._in_head(name)
-                    and id(mod.weight) not in tied):
-                mod.to(self.frozen_dtype)
-
-    def _in_head(self, module_name: str) -> bool:
-        return any(f".{h}." in f".{module_name}." for h in self.head_modules)
+            if isinstance(mod, nn.Linear) and "lora_" not in name and id(mod.weight) not in keep:
+                mod.to(dtype)
 
     @property
     def head_modules(self) -> list[str]:

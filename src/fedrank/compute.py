@@ -69,9 +69,9 @@ class Compute:
 
     @classmethod
     def of(cls, device: str, precision: str) -> Compute:
-        """The config's device and precision (``auto`` resolved for that device); on CUDA, deterministic kernels are requested so that the same seed
-        gives the same run (cuBLAS needs its workspace setting before its first use; ops without a deterministic
-        kernel warn)."""
+        """The config's device and precision (``auto`` resolved for that device); on CUDA, deterministic kernels
+        are requested so that the same seed gives the same run (cuBLAS needs its workspace setting before its first
+        use; ops without a deterministic kernel warn)."""
         resolved = resolve_device(device)
         if resolved.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
