@@ -145,7 +145,8 @@ def head_refit(run_dir: Path, examples: int = 1000) -> dict[str, Any]:
         f, h = truncate(factors, r), exp.heads.for_rank(head, r)
         x_train, _ = _head_features(exp, f, h, sample)
         x_test, before = _head_features(exp, f, h, exp.test)
-        probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=6, cv=3, max_iter=3000))
+        probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=6, cv=3, max_iter=3000, l1_ratios=(0.0,),
+                                                                    scoring="accuracy", use_legacy_attributes=False))
         probe.fit(x_train, sample.labels)
         out[f"before_r{r}"] = before
         out[f"after_r{r}"] = float(probe.score(x_test, exp.test.labels))

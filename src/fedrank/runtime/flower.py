@@ -58,6 +58,9 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray starts its workers at nice 15; in the simulation they are the job's clients, so they run at the caller's
+# priority (beside other work they would otherwise wait for every idle moment of the CPU).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import tomli_w  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
