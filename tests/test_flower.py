@@ -11,6 +11,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -223,7 +224,11 @@ def test_loopback_deployment_matches_local(local_run: Path, tmp_path: Path) -> N
     env.pop(flower.FAULT_ENV, None)
     cfg_path, out = tmp_path / "tiny.toml", tmp_path / "run"
     save_config(load_config(None, TINY), cfg_path)
+    env.pop("OMP_NUM_THREADS", None)
     with loopback.loopback_deployment(tmp_path, 2, env=env, start_timeout=DEPLOY_WAIT_S) as dep:
+        # co-located nodes share the CPUs instead of each taking them all
+        share = str(max(1, (os.cpu_count() or 1) // 2))
+        assert [psutil.Process(n.pid).environ().get("OMP_NUM_THREADS") for n in dep.nodes] == [share, share]
         run = dep.run(cfg_path, out, timeout=3 * DEPLOY_WAIT_S, run_config=DEPLOY_RUN_CONFIG)
         assert (out / "summary.json").is_file(), run.stdout + run.stderr + dep.log("superlink")
     assert_same_run(local_run, out, exact=True)

@@ -169,6 +169,7 @@ class Deployment:
     tls: Certificates | None = None
     auth: bool = False  # SuperNode authentication
     start_timeout: float = 60  # seconds the SuperLink gets to open its port
+    node_threads: int = 0  # OMP_NUM_THREADS of every SuperNode (and its ClientApps); 0: inherit
     procs: list[subprocess.Popen] = field(default_factory=list)
     nodes: list[subprocess.Popen] = field(default_factory=list)
     link: subprocess.Popen | None = None  # the SuperLink
@@ -260,7 +261,8 @@ class Deployment:
             args += ["--root-certificates", str(self.tls.ca)]
         if key is not None:
             args += ["--auth-supernode-private-key", str(key.private)]
-        return self.start(name, *args, *extra, env=env)
+        threads = {"OMP_NUM_THREADS": str(self.node_threads)} if self.node_threads else {}
+        return self.start(name, *args, *extra, env={**threads, **(env or {})})
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this deployment's ``$FLWR_HOME``."""
@@ -338,6 +340,7 @@ def loopback_deployment(work_dir: Path, num_nodes: int, *, tls: Certificates | N
     ``env``: the environment of every process (default: ``os.environ``); ``PATH`` gets the
     venv's bin, ``FLWR_HOME`` and ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` are set.
     ``start_timeout``: seconds the SuperLink gets to open its port and then to accept each key registration.
+    Each node gets ``OMP_NUM_THREADS`` = the CPUs divided between the nodes, unless ``env`` sets it.
     """
     if auth is not None and tls is None:
         raise ValueError("SuperNode authentication requires TLS (Flower refuses --enable-supernode-auth with --insecure)")
@@ -351,8 +354,11 @@ def loopback_deployment(work_dir: Path, num_nodes: int, *, tls: Certificates | N
     base = dict(os.environ if env is None else env)
     base.update({"FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{base.get('PATH', '')}",
                  "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
+    # the nodes share this machine's CPUs, as nodes on their own machines would not: each gets its share of torch
+    # threads (a config's own `threads` still wins), so that nodes training at once do not oversubscribe the cores
+    share = 0 if "OMP_NUM_THREADS" in base else max(1, (os.cpu_count() or 1) // num_nodes)
     dep = Deployment(work_dir=work, home=home, link_port=port, env=base, connection=connection, tls=tls,
-                     auth=auth is not None, start_timeout=start_timeout)
+                     auth=auth is not None, start_timeout=start_timeout, node_threads=share)
     try:
         dep.start_superlink()
         for key in auth or ():
