@@ -129,7 +129,7 @@ def test_heavy_tail_makes_small_ranks_most_common() -> None:
 def test_quality_starts_low_and_raises_top_clients() -> None:
     n = 10
     p = policy(n, policy="quality", values=[16, 4], top_fraction=0.25)
-    assert p.needs_scores_after_round == 1
+    assert p.needs_scores_after_round == 1 and p.needs_validation
     assert everyone(p, n) == [4] * n
     scores = {c: s for c, s in enumerate([0.1, 0.9, 0.3, 0.8, 0.2, 0.7, 0.0, 0.4, 0.5, 0.6])}
     p.observe_scores(scores)  # ⌈0.25 · 10⌉ = 3: clients 1, 3, 5
@@ -309,6 +309,7 @@ def test_quality_policy_by_size_raises_the_data_rich_clients() -> None:
     """``quality_by = "size"``: after round 1 the clients with the most training examples get the high rank,
     whatever their validation scores (the ablation of who Byun & Lee's policy raises)."""
     p = policy(6, policy="quality", values=[2, 8], top_fraction=0.3, quality_by="size")  # ⌈1.8⌉ = 2
+    assert not p.needs_validation  # the server skips the clients' validation pass after round 1
     p.observe_scores({c: float(c) for c in range(6)}, sizes=[50, 10, 90, 90, 5, 20])
     assert p.ranks(2, list(range(6)), [1] * 6) == [2, 2, 8, 8, 2, 2]
     with pytest.raises(ValueError, match="sizes of all 6"):

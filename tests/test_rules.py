@@ -15,6 +15,7 @@ from fedrank import dynamics
 from fedrank.compare import method_overrides
 from fedrank.config import ConfigError, load_config
 from fedrank.heads import HEAD_RULES, HeadReply, make_head_rule
+from fedrank.experiment import build
 from fedrank.job import execute
 from fedrank.methods import METHODS, Task
 
@@ -170,6 +171,25 @@ def test_tier_head_run_stores_one_head_per_tier_and_resumes_exactly(tmp_path: Pa
     assert last["high_update_cos"] is None or -1.0 <= last["high_update_cos"] <= 1.0
     ckpt = load_file(str(tmp_path / "straight" / "checkpoints" / "round-0003.safetensors"))
     assert {k.split("/")[1] for k in ckpt if k.startswith("head/")} == {"r2", "r4", "r8"}
+
+
+def test_quality_by_size_raises_the_largest_clients_without_a_validation_pass(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ranks.quality_by = "size"`` ranks the clients by their training examples, so the server never asks them
+    for validation scores; the largest half trains at the high rank from round 2 on."""
+    from fedrank.runtime.local import LocalRuntime
+
+    def no_validation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("quality_by=size asked the clients for validation scores")
+
+    monkeypatch.setattr(LocalRuntime, "validate", no_validation)
+    cfg = load_config(None, TINY + ["ranks.policy=quality", "ranks.values=[2,8]", "ranks.top_fraction=0.5",
+                                    "ranks.quality_by=size", "rounds=3", "eval.tiers=false"])
+    sizes = build(cfg).sizes
+    execute(cfg, tmp_path)
+    largest = set(sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))[:2])
+    for row in rows(tmp_path)[1:]:
+        assert {c for c, r in zip(row["clients"], row["ranks"]) if r == 8} == largest & set(row["clients"])
 
 
 def test_zero_padding_never_revives_slots_nobody_held_in_round_one(tmp_path: Path) -> None:

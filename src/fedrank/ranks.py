@@ -97,6 +97,7 @@ class RankPolicy(ABC):
     """Assigns a LoRA rank to each client, possibly per round."""
 
     needs_scores_after_round: ClassVar[int | None] = None
+    needs_validation: bool = False  # whether observe_scores reads the clients' local validation scores
 
     def __init__(self, cfg: RanksConfig, num_clients: int, seed: int, slot_cost: int = 1) -> None:
         """Every policy takes the same arguments (see :func:`make_rank_policy`) and validates ``cfg``."""
@@ -216,6 +217,7 @@ class QualityPolicy(_PerClientPolicy):
         self._top = math.ceil(cfg.top_fraction * num_clients - _TOLERANCE)
         self._ranks = [self._low] * num_clients
         self.quality_by = cfg.quality_by
+        self.needs_validation = cfg.quality_by == "validation"
 
     def observe_scores(self, scores: Mapping[int, float], sizes: Sequence[int] | None = None) -> None:
         """Raise the top clients to the high rank, by ``scores`` or, with ``quality_by = "size"``, by ``sizes``

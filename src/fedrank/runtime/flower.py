@@ -579,7 +579,9 @@ class SimulationRuntime:
     def fit(self, jobs: Sequence[Job], done: Callable[[Task], None]) -> list[Outcome]:
         out = self._start().fit(jobs, done)
         self._round = jobs[0][0].round if jobs else 0
-        if self._round >= self._last() and self.exp.policy.needs_scores_after_round != self._round:
+        policy = self.exp.policy
+        validates = policy.needs_validation and policy.needs_scores_after_round == self._round
+        if self._round >= self._last() and not validates:
             self.close()
         return out
 
