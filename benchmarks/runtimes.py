@@ -2,7 +2,7 @@
 cost a Flower ClientApp pays per message.
 
     .venv/bin/python benchmarks/runtimes.py [--job small|default] [--rounds 2] [--nodes 2 4]
-                                            [--skip-deployment] [--skip-runs]
+                                            [--skip-simulation] [--skip-deployment] [--skip-runs]
 
 Per message (Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message), measured in fresh
 processes for node 0 of ``--nodes``' first value: ``import`` (fedrank's client path: flwr, torch, transformers,
@@ -77,6 +77,15 @@ def per_message(config: Path, count: int, nodes: int, cache: Path) -> dict[str, 
             "before: whole experiment": run("whole")}
 
 
+def phases(out: Path, wall: float) -> dict[str, float]:
+    """Where a run's wall time went: the rounds' training (send, local training, replies, aggregation), their
+    evaluations, and the rest (start-up: processes, the experiment and model; the final evaluation and export)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = sum(r["train_s"] + r["aggregate_s"] for r in rows)
+    evaluation = sum(r["eval_s"] for r in rows)
+    return {"wall": wall, "train": train, "eval": evaluation, "rest": wall - train - evaluation}
+
+
 def run_local(overrides: list[str], out: Path) -> float:
     from fedrank.config import load_config
     from fedrank.job import execute
@@ -103,6 +112,7 @@ def main() -> None:
     ap.add_argument("--job", choices=list(JOBS), default="small", help="small (tiny, the default) or the default job")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--nodes", type=int, nargs="+", default=[2], help="SuperNodes of the loopback deployment(s)")
+    ap.add_argument("--skip-simulation", action="store_true")
     ap.add_argument("--skip-deployment", action="store_true")
     ap.add_argument("--skip-runs", action="store_true", help="only the per-message cost")
     ap.add_argument("--probe", nargs=3, metavar=("MODE", "CONFIG", "CLIENTS"), help=argparse.SUPPRESS)
@@ -127,14 +137,20 @@ def main() -> None:
             print(f"{name:<30} {c['import']:8.2f} {c['build']:8.2f} {c['load']:8.2f} {sum(c.values()):8.2f}")
         if args.skip_runs:
             return
-        times = {"local": run_local(overrides + ["runtime=local"], work / "local"),
-                 "flower simulation": run_local(overrides + ["runtime=flower"], work / "simulation")}
+        times = {"local": phases(work / "local", run_local(overrides + ["runtime=local"], work / "local"))}
+        if not args.skip_simulation:
+            times["flower simulation"] = phases(work / "simulation", run_local(overrides + ["runtime=flower"],
+                                                                              work / "simulation"))
         if not args.skip_deployment:
             for n in args.nodes:
-                times[f"loopback deployment, {n} nodes"] = run_deployment(config, work / f"deployment{n}", n)
-    print(f"\n{'runtime':<32} {'wall s':>8} {'x local':>8}   ({args.job} job, {args.rounds} rounds)")
+                folder = work / f"deployment{n}"
+                times[f"loopback deployment, {n} nodes"] = phases(folder / "run", run_deployment(config, folder, n))
+    print(f"\n{'runtime':<32} {'wall s':>8} {'x local':>8} {'train s':>8} {'eval s':>8} {'rest s':>8}"
+          f"   ({args.job} job, {args.rounds} rounds; train: the rounds' messages, training and aggregation; "
+          "rest: start-up, final evaluation, export)")
     for name, t in times.items():
-        print(f"{name:<32} {t:8.1f} {t / times['local']:8.2f}")
+        print(f"{name:<32} {t['wall']:8.1f} {t['wall'] / times['local']['wall']:8.2f} {t['train']:8.1f} "
+              f"{t['eval']:8.1f} {t['rest']:8.1f}")
 
 
 if __name__ == "__main__":
