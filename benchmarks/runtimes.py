@@ -9,7 +9,9 @@ processes for node 0 of ``--nodes``' first value: ``import`` (fedrank's client p
 PEFT), ``build`` (the node's clients' data) and ``load`` (base model, adapters, method), for the first message
 of a run (empty shard cache: the dataset is loaded, partitioned and the node's clients tokenised) and for a later
 one (cache hit), beside what a message built before the shard cache (the whole experiment: every client and the
-test split, and the imports of the partitioners).
+test split, and the imports of the partitioners).  And what the deployment's ClientApp (``fedrank.node_app``) pays
+once its node's warm worker runs: its imports (flwr) and, as "load", one message's round trip to the worker, which
+already holds the model and the data.
 
 Runs: seconds per runtime (building the experiment, the rounds, the final evaluation and export) and the ratio to
 the local runtime; the deployment starts its own flower-superlink and ``--nodes`` flower-supernode processes on
@@ -38,8 +40,12 @@ JOBS = {"small": SMALL, "default": []}
 def probe(mode: str, config: Path, clients: list[int]) -> None:
     """In this (fresh) process, what a ClientApp does for one message; print the seconds per phase as JSON.
 
-    ``mode``: ``node`` (this code's path) or ``whole`` (the whole experiment, as every message built it before)."""
+    ``mode``: ``node`` (the client path in the ClientApp's own process), ``whole`` (the whole experiment, as every
+    message built it before) or ``warm`` (the deployment's ClientApp handing the message to its node's worker)."""
     t0 = time.perf_counter()
+    if mode == "warm":
+        warm_message(config, t0)
+        return
     import fedrank.experiment  # noqa: F401 - the ClientApp's imports
     import fedrank.runtime.flower  # noqa: F401
     if mode == "whole":
@@ -63,18 +69,46 @@ def probe(mode: str, config: Path, clients: list[int]) -> None:
                       "load": laps["model"] + laps["client"]}))
 
 
+def warm_message(config: Path, t0: float) -> None:
+    """The deployment's ClientApp (``fedrank.node_app``) with its node's worker running: its imports, then one
+    message's round trip to the worker, which holds the model and the data (``$BENCH_WATCH_PID``: the worker's
+    SuperNode stand-in)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedrank import node_app
+
+    imported = time.perf_counter()
+    text = config.read_text()
+    content = RecordDict({"task": ConfigRecord({"client": 0, "rank": 1, "round": 1, "config": text})})
+    with node_app.worker_connection(int(os.environ["BENCH_WATCH_PID"]), 600) as conn:
+        node_app.ask(conn, "query.partition", content, {})
+    print(json.dumps({"import": imported - t0, "build": 0.0, "load": time.perf_counter() - imported}))
+
+
 def per_message(config: Path, count: int, nodes: int, cache: Path) -> dict[str, dict[str, float]]:
     """Seconds per phase of one message in a fresh process: first (empty cache), later (cache hit), before."""
     clients = ",".join(str(c) for c in range(0, count, nodes))  # node 0's clients
     env = {**os.environ, "FEDRANK_CACHE": str(cache)}
 
     def run(mode: str) -> dict[str, float]:
-        done = subprocess.run([sys.executable, __file__, "--probe", mode, str(config), clients], env=env,
-                              capture_output=True, text=True, check=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        # output to a file, not a pipe: the warm worker a probe starts inherits it and outlives the probe
+        with tempfile.TemporaryFile("w+") as out:
+            subprocess.run([sys.executable, __file__, "--probe", mode, str(config), clients], env=env, stdout=out,
+                           check=True)
+            out.seek(0)
+            return json.loads(out.read().strip().splitlines()[-1])
 
-    return {"first message (cache miss)": run("node"), "later message (cache hit)": run("node"),
-            "before: whole experiment": run("whole")}
+    costs = {"first message (cache miss)": run("node"), "later message (cache hit)": run("node"),
+             "before: whole experiment": run("whole")}
+    watch = subprocess.Popen(["sleep", "3600"])  # the worker lives as long as this stand-in for its SuperNode
+    env["BENCH_WATCH_PID"] = str(watch.pid)
+    try:
+        run("warm")  # starts the worker
+        costs["later message, warm worker"] = run("warm")
+    finally:
+        watch.kill()
+        watch.wait()
+    return costs
 
 
 def phases(out: Path, wall: float) -> dict[str, float]:

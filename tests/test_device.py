@@ -128,8 +128,8 @@ def test_a_supernode_picks_its_own_device_through_its_node_config(monkeypatch: p
     monkeypatch.setattr(experiment, "build_node_client", build_node_client)
     monkeypatch.setattr(flower, "_CLIENTS", {})
     config = flower.config_text(load_config(None, ["device=auto"]))
-    msg = SimpleNamespace(content={"task": {"config": config}})
-    assert flower.node_client(msg, SimpleNamespace(node_config={"device": "cpu"})).device == "cpu"
-    assert flower.node_client(msg, SimpleNamespace(node_config={})).device == "auto"  # the run config's device
-    assert flower.node_client(msg, SimpleNamespace(node_config={})).device == "auto"
+    content = {"task": {"config": config}}
+    assert flower.node_client(content, {"device": "cpu"}).device == "cpu"
+    assert flower.node_client(content, {}).device == "auto"  # the run config's device
+    assert flower.node_client(content, {}).device == "auto"
     assert built == ["cpu", "auto"]  # cached

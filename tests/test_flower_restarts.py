@@ -69,6 +69,12 @@ def status(dep: loopback.Deployment, node: str) -> str:
     return next((str(n["status"]) for n in dep.supernodes() if str(n["node-id"]) == node), "unknown")
 
 
+def run_statuses(dep: loopback.Deployment) -> list[str]:
+    """The sorted statuses of the SuperLink's runs (``flwr ls``)."""
+    listed = dep.flwr("ls", dep.connection, "--format", "json").stdout
+    return sorted(str(r["status"]) for r in json.loads(listed[listed.index("{"):])["runs"])
+
+
 def test_a_killed_node_misses_one_round_and_a_killed_superlink_resumes_from_the_checkpoint(tmp_path: Path) -> None:
     certs = loopback.make_certificates(tmp_path / "certs")
     keys = loopback.make_node_keys(tmp_path / "keys", 2)
@@ -95,10 +101,10 @@ def test_a_killed_node_misses_one_round_and_a_killed_superlink_resumes_from_the_
         assert not dep.strays_alive()
         second = dep.run(cfg_path, out, timeout=3 * DEPLOY_WAIT_S, run_config=RUN_CONFIG)
         assert (out / "summary.json").is_file(), second.stdout + second.stderr + dep.log("superlink")
-        runs = dep.flwr("ls", dep.connection, "--format", "json").stdout
+        # the killed run is marked failed once the restarted SuperLink misses its ServerApp's heartbeats
+        wait_for(lambda: run_statuses(dep) == ["finished:completed", "finished:failed"],
+                 "the SuperLink lists the resumed run completed and the killed one failed")
     rows = metrics(out)
     assert [(r["round"], r["clients"], r["missing"]) for r in rows] == [(1, [0, 1], []), (2, [0, 1], [1]),
                                                                         (3, [0, 1], [])]
     assert "fedrank: resuming after round 2 of 3" in second.stdout, second.stdout
-    statuses = sorted(r["status"] for r in json.loads(runs[runs.index("{"):])["runs"])
-    assert statuses == ["finished:completed", "finished:failed"], runs

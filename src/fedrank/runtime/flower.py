@@ -31,9 +31,10 @@ that comes back under a new node id is asked what it serves.
 
 Entry points:
 
-* ``client_app``: the ClientApp of a deployment (``flwr run deploy/flower``) and of the simulation;
-  the deployment's ServerApp is ``fedrank.serverapp.server_app``, which runs a job
-  (``fedrank.job``) through a ``FlowerRuntime``.
+* ``client_app``: the ClientApp of the simulation, answering in its own process (``answer``); a deployment's
+  ClientApp is ``fedrank.node_app.client_app``, which hands each message to its SuperNode's warm worker
+  (``fedrank.runtime.node_worker``, which calls ``answer``).  The deployment's ServerApp is
+  ``fedrank.serverapp.server_app``, which runs a job (``fedrank.job``) through a ``FlowerRuntime``.
 * ``SimulationRuntime``: ``runtime = "flower"`` in a fedrank config; runs the clients in
   Flower's simulation engine (Ray, on 127.0.0.1) from ``fedrank run``.
 """
@@ -49,7 +50,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
@@ -414,30 +415,28 @@ def cached_client(config: str, device: str = "", clients: Callable[[Config], Seq
         return client
 
 
-def node_partition(context: Context) -> tuple[int, int]:
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
     """(partition-id, num-partitions) of a node (its ``--node-config``; 0 of 1 when not given)."""
-    nc = context.node_config
-    return int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
+    return int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1))
 
 
-def node_data(context: Context) -> str:
+def node_data(node_config: Mapping[str, Any]) -> str:
     """The node's own data file (``--node-config "data='PATH'"``); "" when it has none."""
-    return str(context.node_config.get("data", ""))
+    return str(node_config.get("data", ""))
 
 
-def node_client(msg: Message, context: Context) -> FedClient:
+def node_client(content: RecordDict, node_config: Mapping[str, Any]) -> FedClient:
     """The client for a message's config with the data this node holds for it, on this node's ``device`` (node
     config) if it names one: its own file as the message's client, else its partition's clients."""
-    data = node_data(context)
+    data = node_data(node_config)
 
     def clients(cfg: Config) -> list[int]:
         if data:
-            return [int(msg.content["task"]["client"])]
-        i, n = node_partition(context)
+            return [int(content["task"]["client"])]
+        i, n = node_partition(node_config)
         return [c for c in range(cfg.clients.count) if c % n == i]
 
-    return cached_client(str(msg.content["task"]["config"]), str(context.node_config.get("device", "")), clients,
-                         data)
+    return cached_client(str(content["task"]["config"]), str(node_config.get("device", "")), clients, data)
 
 
 def data_record(path: str, config: str) -> ConfigRecord:
@@ -474,38 +473,51 @@ def _maybe_fault(task: Task) -> None:
             os._exit(1)
 
 
-client_app = ClientApp()
-
-
-@client_app.train()
-def _train(msg: Message, context: Context) -> Message:
-    task = record_task(msg.content["task"])
-    client = node_client(msg, context)
+def _train(content: RecordDict, node_config: Mapping[str, Any]) -> RecordDict:
+    task = record_task(content["task"])
+    client = node_client(content, node_config)
     _maybe_fault(task)
     with _RUN_LOCK:
-        reply, stats = client.fit(task, from_record(msg.content["tensors"]))
+        reply, stats = client.fit(task, from_record(content["tensors"]))
     metrics = MetricRecord({"weight": float(reply.weight), **{k: float(v) for k, v in stats.items()}})
-    return Message(RecordDict({"tensors": to_record(reply.tensors), "reply": metrics}), reply_to=msg)
+    return RecordDict({"tensors": to_record(reply.tensors), "reply": metrics})
 
 
-@client_app.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
-    task = record_task(msg.content["task"])
-    client = node_client(msg, context)
-    received, head = split_head(from_record(msg.content["tensors"]))
+def _evaluate(content: RecordDict, node_config: Mapping[str, Any]) -> RecordDict:
+    task = record_task(content["task"])
+    client = node_client(content, node_config)
+    received, head = split_head(from_record(content["tensors"]))
     with _RUN_LOCK:
         metrics = client.validate(task.client, unpack(received), head)
-    return Message(RecordDict({"reply": MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=msg)
+    return RecordDict({"reply": MetricRecord({k: float(v) for k, v in metrics.items()})})
 
 
-@client_app.query("partition")
-def _partition(msg: Message, context: Context) -> Message:
+def _partition(content: RecordDict, node_config: Mapping[str, Any]) -> RecordDict:
     """What this node serves: its partition and, with its own data file, what the server may know of that file."""
-    i, n = node_partition(context)
-    answer = RecordDict({"partition": ConfigRecord({"partition-id": i, "num-partitions": n})})
-    if node_data(context):
-        answer["data"] = data_record(node_data(context), str(msg.content["task"]["config"]))
-    return Message(answer, reply_to=msg)
+    i, n = node_partition(node_config)
+    known = RecordDict({"partition": ConfigRecord({"partition-id": i, "num-partitions": n})})
+    if node_data(node_config):
+        known["data"] = data_record(node_data(node_config), str(content["task"]["config"]))
+    return known
+
+
+ANSWERS: dict[str, Callable[[RecordDict, Mapping[str, Any]], RecordDict]] = {
+    "train": _train, "evaluate": _evaluate, "query.partition": _partition}
+
+
+def answer(kind: str, content: RecordDict, node_config: Mapping[str, Any]) -> RecordDict:
+    """A node's reply content to a message of type ``kind`` (``train``, ``evaluate``, ``query.partition``)."""
+    return ANSWERS[kind](content, node_config)
+
+
+def _reply(msg: Message, context: Context) -> Message:
+    return Message(answer(msg.metadata.message_type, msg.content, context.node_config), reply_to=msg)
+
+
+client_app = ClientApp()
+client_app.train()(_reply)
+client_app.evaluate()(_reply)
+client_app.query("partition")(_reply)
 
 
 # --------------------------------------------------------------------------- simulation from `fedrank run`

@@ -356,7 +356,7 @@ def loopback_deployment(work_dir: Path, num_nodes: int, *, tls: Certificates | N
                  "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
     # the nodes share this machine's CPUs, as nodes on their own machines would not: each gets its share of torch
     # threads (a config's own `threads` still wins), so that nodes training at once do not oversubscribe the cores
-    share = 0 if "OMP_NUM_THREADS" in base else max(1, (os.cpu_count() or 1) // num_nodes)
+    share = 0 if "OMP_NUM_THREADS" in base else max(1, (os.cpu_count() or 1) // max(num_nodes, 1))
     dep = Deployment(work_dir=work, home=home, link_port=port, env=base, connection=connection, tls=tls,
                      auth=auth is not None, start_timeout=start_timeout, node_threads=share)
     try:
