@@ -77,10 +77,10 @@ class ThreadGrid:
     """A Grid stand-in that runs fedrank's ClientApp in threads: ``nodes`` partitions (or one node per node config
     of a list, node ids 1000, 1001, ...), no Ray, no sockets.
 
-    ``workers`` threads handle messages, so a hanging client does not hold up the others.
+    ``workers`` threads handle messages, so a hanging client does not hold up the others; ``app``: the ClientApp.
     """
 
-    def __init__(self, nodes: int | list[dict], workers: int = 8) -> None:
+    def __init__(self, nodes: int | list[dict], workers: int = 8, app=flower.client_app) -> None:
         from flwr.app import RecordDict
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
@@ -91,6 +91,7 @@ class ThreadGrid:
                                                          for i in range(nodes)]
         self.contexts = {1000 + i: self._context(1000 + i, config) for i, config in enumerate(configs)}
         self.pool = ThreadPoolExecutor(workers)
+        self.app = app
         self.replies: dict[str, object] = {}
         self.lock = threading.Lock()
 
@@ -114,7 +115,7 @@ class ThreadGrid:
         try:
             if msg.metadata.dst_node_id not in self.contexts:
                 raise RuntimeError("Node Unavailable")
-            reply = flower.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as err:  # noqa: BLE001 - becomes an error reply, as in Flower
             from flwr.app import Error, Message
 
@@ -202,6 +203,22 @@ def test_a_node_back_under_a_new_node_id_serves_its_partition_again(tmp_path: Pa
         grid.pool.shutdown(wait=True)
     assert [r["missing"] for r in metrics(tmp_path)] == [[], []]
     assert logs == [f"flower: node {moved[0]} serves partition 1 now"]
+
+
+def test_the_deployment_client_app_with_warm_false_answers_in_its_own_process(local_run: Path, tmp_path: Path) -> None:
+    """``fedrank.node_app`` with ``warm=false`` in the node config runs the client in the ClientApp's process (no
+    worker): the run equals the local one bit for bit."""
+    from fedrank import node_app
+
+    cfg = load_config(None, TINY)
+    grid = ThreadGrid([{"partition-id": i, "num-partitions": 2, "warm": "false"} for i in range(2)],
+                      app=node_app.client_app)
+    try:
+        execute(cfg, tmp_path, Hooks(), lambda exp: flower.FlowerRuntime(grid, cfg, timeout_s=DEPLOY_WAIT_S))
+    finally:
+        grid.pool.shutdown(wait=True)
+    assert_same_run(local_run, tmp_path, exact=True)
+    assert not node_app.socket_path(os.getppid()).exists()  # no worker was started
 
 
 # --------------------------------------------------------------------------- simulation
