@@ -1,21 +1,23 @@
-"""Which clients the quality policy raised to rank 20 in each replication run of the study, and what they hold.
+"""Which clients the quality policy raised to rank 20 in each replication run of a study folder, and what they hold.
 
-Run from the repository root: .venv/bin/python docs/results/replication/raised_clients.py
-(output: raised_clients.txt). The policy's per-client ranks come from each run's last checkpoint manifest.
+Run from the repository root: .venv/bin/python docs/results/replication/raised_clients.py [FOLDER]
+(FOLDER: quality, the default, output raised_clients.txt; h4_top30, output raised_clients_top30.txt). The policy's
+per-client ranks come from each run's last checkpoint manifest; "balanced" clients hold every label.
 """
 
 import collections
 import json
+import sys
 from pathlib import Path
 
 from fedrank.config import load_config
 from fedrank.data.partition import partition
 from fedrank.tasks import make_task
 
-RUNS = Path(__file__).parent / "quality" / "runs"
+RUNS = Path(__file__).parent / (sys.argv[1] if len(sys.argv) > 1 else "quality") / "runs"
 
-for seed in range(5):
-    run = RUNS / f"replication-seed{seed}"
+for run in sorted(RUNS.glob("replication-seed*")):
+    seed = int(run.name.removeprefix("replication-seed"))
     cfg = load_config(run / "config.toml")
     manifest = sorted((run / "checkpoints").glob("round-*.json"))[-1]
     ranks = json.loads(manifest.read_text())["meta"]["policy"]["ranks"]
@@ -23,8 +25,8 @@ for seed in range(5):
     shards = partition(splits.train.labels, cfg.clients.count, cfg.data, cfg.seed)
     labels = [collections.Counter(splits.train.labels[i] for i in shard) for shard in shards]
     raised = [c for c, r in enumerate(ranks) if r == max(cfg.ranks.values)]
-    data_rich = sorted(range(cfg.clients.count), key=lambda c: -len(shards[c]))[:len(raised)]
+    balanced = {c for c in range(cfg.clients.count) if len(labels[c]) == len(splits.train.label_names)}
     held = sum((labels[c] for c in raised), collections.Counter())
     print(f"seed {seed}: raised {raised}; their label counts {[len(labels[c]) for c in raised]}; "
-          f"balanced data-rich clients raised: {len(set(raised) & set(data_rich))}/{len(raised)}; "
+          f"balanced clients raised: {len(set(raised) & balanced)}/{len(balanced)}; "
           f"labels held by raised clients: {dict(held)}")

@@ -32,11 +32,19 @@ $F compare $Q --methods replication,zeropad --seeds 3,4 "${CUTS[@]}" --set ranks
 h4 () { $F compare $Q --methods replication,zeropad --seeds $1 "${CUTS[@]}" --set $2 --out $OUT/$3 --target 0.6 \
           --baseline zeropad --jobs 2; }
 h4 0,1,2 train.lr=5e-4 h4_lr5e-4
-# Queued but not run before the session ended (the next steps; h4_gap.py picks them up when they exist):
-# h4 0,1,2 ranks.top_fraction=0.3 h4_top30
-# h4 0,1,2 train.local_epochs=1 h4_epoch
-# h4 0,1,2 train.lr=2e-3 h4_lr2e-3
+h4 0,1,2,3,4 ranks.top_fraction=0.3 h4_top30
+h4 0,1,2,3,4 train.lr=2e-3 h4_lr2e-3
+h4 0,1 train.local_epochs=1 h4_epoch
 .venv/bin/python $OUT/h4_gap.py
+.venv/bin/python $OUT/raised_clients.py > $OUT/raised_clients.txt
+.venv/bin/python $OUT/raised_clients.py h4_top30 > $OUT/raised_clients_top30.txt
+# H2's head rules on the default job's Dirichlet label skew (20 clients, ranks 4/16 from round 1), seeds 0-1, one
+# thread per run, the global model evaluated every 2nd round (the final accuracy on the whole test split).
+$F compare --methods replication,replication+tier,replication+frozen --seeds 0,1 --set threads=1 --set eval.every=2 \
+  --out $OUT/default_job_heads --target 0.85 --baseline replication --jobs 2
+# H2's head refit (linear probe on training features) of the final models, 5 seeds.
+$F report $OUT/quality/runs/{replication,zeropad,updatepad}-seed{0,1,2,3,4} --head-refit 1000 \
+  --out $OUT/quality/head_refit --baseline zeropad --target 0.6
 # Reports as committed (paired against zeropad; and against replication).
 $F report $OUT/quality/runs/* --out $OUT/quality --target 0.6 --baseline zeropad
 $F report $OUT/quality/runs/{replication,zeropad,updatepad,orderedfold}-seed* --out $OUT/quality/vs_replication \
