@@ -34,7 +34,7 @@ h4 () { $F compare $Q --methods replication,zeropad --seeds $1 "${CUTS[@]}" --se
 h4 0,1,2 train.lr=5e-4 h4_lr5e-4
 h4 0,1,2,3,4 ranks.top_fraction=0.3 h4_top30
 h4 0,1,2,3,4 train.lr=2e-3 h4_lr2e-3
-h4 0,1 train.local_epochs=1 h4_epoch
+h4 0,1,2 train.local_epochs=1 h4_epoch
 .venv/bin/python $OUT/h4_gap.py
 .venv/bin/python $OUT/raised_clients.py > $OUT/raised_clients.txt
 .venv/bin/python $OUT/raised_clients.py h4_top30 > $OUT/raised_clients_top30.txt
