@@ -108,6 +108,10 @@ class RankPolicy(ABC):
         self.global_rank: int = max(cfg.values)
         self.tiers: list[int] = sorted(set(cfg.values))
 
+    def validates_after(self, round: int) -> bool:
+        """Whether the clients' local validation scores are wanted after ``round`` (``observe_scores``)."""
+        return self.needs_validation and self.needs_scores_after_round == round
+
     def ranks(self, round: int, clients: Sequence[int], sizes: Sequence[int]) -> list[int]:
         """Rank of each of ``clients`` in ``round`` (1-based); ``sizes`` are their training-example counts."""
         if round < 1:

@@ -229,7 +229,7 @@ class Server:
         if exp.policy.needs_scores_after_round == rnd:
             metrics = self.runtime.validate(exp.method.global_factors(state),
                                             exp.heads.for_rank(head, exp.policy.global_rank),
-                                            range(cfg.clients.count)) if exp.policy.needs_validation else {}
+                                            range(cfg.clients.count)) if exp.policy.validates_after(rnd) else {}
             exp.policy.observe_scores({c: self.score(m) for c, m in metrics.items()}, exp.sizes)
         t3 = time.perf_counter()
         row.update(train_s=t1 - t0, aggregate_s=t2 - t1, eval_s=t3 - t2)

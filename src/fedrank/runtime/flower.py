@@ -591,9 +591,7 @@ class SimulationRuntime:
     def fit(self, jobs: Sequence[Job], done: Callable[[Task], None]) -> list[Outcome]:
         out = self._start().fit(jobs, done)
         self._round = jobs[0][0].round if jobs else 0
-        policy = self.exp.policy
-        validates = policy.needs_validation and policy.needs_scores_after_round == self._round
-        if self._round >= self._last() and not validates:
+        if self._round >= self._last() and not self.exp.policy.validates_after(self._round):
             self.close()
         return out
 
