@@ -120,16 +120,16 @@ def phases(out: Path, wall: float) -> dict[str, float]:
     return {"wall": wall, "train": train, "eval": evaluation, "rest": wall - train - evaluation}
 
 
-def run_local(overrides: list[str], out: Path) -> float:
+def run_local(overrides: list[str], out: Path) -> dict[str, float]:
     from fedrank.config import load_config
     from fedrank.job import execute
 
     t = time.perf_counter()
     execute(load_config(None, overrides), out)
-    return time.perf_counter() - t
+    return phases(out, time.perf_counter() - t)
 
 
-def run_deployment(config: Path, work: Path, nodes: int) -> float:
+def run_deployment(config: Path, work: Path, nodes: int) -> dict[str, float]:
     from fedrank.runtime.loopback import loopback_deployment
 
     with loopback_deployment(work, nodes, connection="bench") as dep:
@@ -138,7 +138,7 @@ def run_deployment(config: Path, work: Path, nodes: int) -> float:
         elapsed = time.perf_counter() - t
         if run.returncode != 0 or not (work / "run" / "summary.json").is_file():
             raise RuntimeError(f"the deployment run did not finish: see {dep.logs}\n{run.stdout}{run.stderr}")
-        return elapsed
+        return phases(work / "run", elapsed)
 
 
 def main() -> None:
@@ -171,14 +171,12 @@ def main() -> None:
             print(f"{name:<30} {c['import']:8.2f} {c['build']:8.2f} {c['load']:8.2f} {sum(c.values()):8.2f}")
         if args.skip_runs:
             return
-        times = {"local": phases(work / "local", run_local(overrides + ["runtime=local"], work / "local"))}
+        times = {"local": run_local(overrides + ["runtime=local"], work / "local")}
         if not args.skip_simulation:
-            times["flower simulation"] = phases(work / "simulation", run_local(overrides + ["runtime=flower"],
-                                                                              work / "simulation"))
+            times["flower simulation"] = run_local(overrides + ["runtime=flower"], work / "simulation")
         if not args.skip_deployment:
             for n in args.nodes:
-                folder = work / f"deployment{n}"
-                times[f"loopback deployment, {n} nodes"] = phases(folder / "run", run_deployment(config, folder, n))
+                times[f"loopback deployment, {n} nodes"] = run_deployment(config, work / f"deployment{n}", n)
     print(f"\n{'runtime':<32} {'wall s':>8} {'x local':>8} {'train s':>8} {'eval s':>8} {'rest s':>8}"
           f"   ({args.job} job, {args.rounds} rounds; train: the rounds' messages, training and aggregation; "
           "rest: start-up, final evaluation, export)")
