@@ -75,3 +75,10 @@ def test_the_worker_exits_with_its_supernode(supernode: subprocess.Popen) -> Non
         assert time.monotonic() < deadline, "the worker outlived its SuperNode by a minute"
         time.sleep(0.2)
     assert not path.with_suffix(".lock").exists()
+
+
+def test_the_warm_switch_takes_true_or_false_and_refuses_anything_else() -> None:
+    assert node_app.warm({}) and node_app.warm({"warm": True}) and node_app.warm({"warm": "TRUE"})
+    assert not node_app.warm({"warm": False}) and not node_app.warm({"warm": "false"})
+    with pytest.raises(ValueError, match=r"^node config warm='maybe': set --node-config \"warm=true\" or"):
+        node_app.warm({"warm": "maybe"})

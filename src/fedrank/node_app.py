@@ -103,10 +103,18 @@ def ask(conn: Connection, kind: str, content: RecordDict, node_config: Mapping[s
                            "message starts a new one") from None
 
 
+def warm(node_config: Mapping[str, Any]) -> bool:
+    """The node config's ``warm`` (default true); anything but true/false is refused in one line."""
+    value = str(node_config.get("warm", "true")).lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"node config warm={node_config['warm']!r}: set --node-config \"warm=true\" or \"warm=false\"")
+    return value == "true"
+
+
 def _reply(msg: Message, context: Context) -> Message:
     config = context.node_config
     kind = msg.metadata.message_type
-    if str(config.get("warm", "true")).lower() == "false":
+    if not warm(config):
         from fedrank.runtime.flower import answer
 
         return Message(answer(kind, msg.content, config), reply_to=msg)
